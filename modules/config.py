@@ -1,0 +1,100 @@
+"""Configuration of the Mod-Adapter network.
+
+Every size of the network is a field here, so that one class builds both the
+paper-sized adapter and the tiny one the tests use, and so that a checkpoint
+can describe the network it holds (the config is stored in its metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Dict
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModAdapterConfig:
+    # Target DiT. The Δ table has one row per block: the double-stream blocks
+    # first (rows 0 .. num_double_blocks-1), then the single-stream blocks.
+    num_blocks: int = 57
+    num_double_blocks: int = 19
+    modulation_dim: int = 3072  # width of FLUX's `vec`, of the neutral feature and of every Δ
+
+    # Image encoder: width of its penultimate-layer tokens (1024 for CLIP ViT-L/14,
+    # 1280 for ViT-H/14). The token count is free.
+    image_token_dim: int = 1024
+
+    # Adapter body.
+    hidden_dim: int = 1536  # width of the block queries and the cross-attention blocks
+    num_heads: int = 12  # head width 128
+    num_cross_attention_blocks: int = 4  # N' in the paper
+    mlp_ratio: float = 4.0  # feed-forward width of the cross-attention blocks, as a multiple of hidden_dim
+
+    # Mixture of experts: each maps a block feature (hidden_dim) to F+ (modulation_dim).
+    num_experts: int = 12
+    expert_hidden_dim: int = 23296  # sized so the paper preset has ~1.67B parameters (paper: 1.67B)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"{f.name} must be a positive integer, got {value!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
+            problems.append(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        if isinstance(self.num_double_blocks, int) and isinstance(self.num_blocks, int) and self.num_double_blocks > self.num_blocks:
+            problems.append(f"num_double_blocks ({self.num_double_blocks}) cannot exceed num_blocks ({self.num_blocks})")
+        if isinstance(self.hidden_dim, int) and isinstance(self.num_heads, int) and self.num_heads > 0 and self.hidden_dim % self.num_heads:
+            problems.append(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
+        if problems:
+            raise ConfigError("Invalid Mod-Adapter config: " + "; ".join(problems))
+
+    @property
+    def num_single_blocks(self) -> int:
+        return self.num_blocks - self.num_double_blocks
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModAdapterConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"A Mod-Adapter config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown Mod-Adapter config keys {unknown}; known keys are {sorted(known)}")
+        missing = sorted(known - set(data))
+        if missing:
+            raise ConfigError(f"Mod-Adapter config is missing keys {missing}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModAdapterConfig":
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"Unknown Mod-Adapter preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+PRESETS: Dict[str, ModAdapterConfig] = {
+    # The paper's adapter: 57 FLUX.1 blocks, 4 cross-attention blocks, 12 experts,
+    # CLIP ViT-L/14 image tokens. Sized to land near the paper's 1.67B parameters
+    # (exact count: `mod-adapter info --preset paper`, recorded in docs/benchmarks.md).
+    "paper": ModAdapterConfig(),
+    # A network small enough for CPU tests, with the same structure.
+    "tiny": ModAdapterConfig(
+        num_blocks=6,
+        num_double_blocks=2,
+        modulation_dim=64,
+        image_token_dim=32,
+        hidden_dim=32,
+        num_heads=2,
+        num_cross_attention_blocks=2,
+        mlp_ratio=2.0,
+        num_experts=3,
+        expert_hidden_dim=48,
+    ),
+}

@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+
+# Test helpers (tiny model builders) live beside the tests.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """A real ComfyUI checkout, imported in-process on the CPU.
+
+    Named by COMFYUI_PATH; the test is skipped, with the reason, without it.
+    """
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: tests against a real ComfyUI checkout are skipped "
+                    "(git clone https://github.com/Comfy-Org/ComfyUI and export COMFYUI_PATH=...)")
+    if not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
+        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_patcher.py)")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+
+    return sys.modules["comfy"]

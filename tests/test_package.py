@@ -1,0 +1,116 @@
+"""The pack as a library, a command and a ComfyUI custom node folder."""
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+METHOD_MODULES = sorted(p.stem for p in (REPO / "modules").glob("*.py") if p.stem != "__init__")
+
+
+def run_python(code: str, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd="/")
+
+
+def test_method_modules_never_import_comfyui():
+    imports = "; ".join(f"import mod_adapter.modules.{m}" for m in METHOD_MODULES)
+    result = run_python(f"import sys; {imports}; "
+                        "bad = [m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_api', 'folder_paths'))]; "
+                        "assert not bad, bad; print('ok')")
+    assert result.returncode == 0, result.stderr
+    for path in (REPO / "modules").glob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+(comfy|comfy_api|folder_paths|nodes)\b", path.read_text(), re.M), path
+
+
+def test_importing_the_pack_outside_comfyui_gives_a_message_not_a_traceback():
+    result = run_python("import asyncio, mod_adapter\n"
+                        "try:\n    asyncio.run(mod_adapter.comfy_entrypoint())\n"
+                        "except RuntimeError as e:\n    print('MESSAGE:', e)\n")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "MESSAGE: The Mod-Adapter nodes run inside ComfyUI: put this folder in ComfyUI/custom_nodes/" in result.stdout
+
+    nodes = run_python("import mod_adapter.nodes")
+    assert nodes.returncode != 0
+    assert "mod_adapter.nodes needs ComfyUI" in nodes.stderr
+
+
+def mod_adapter_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True, cwd="/")
+
+
+def test_cli_help_and_preset_info():
+    result = mod_adapter_cli("--help")
+    assert result.returncode == 0 and "info" in result.stdout
+    tiny = mod_adapter_cli("info", "--preset", "tiny", "--json")
+    assert tiny.returncode == 0, tiny.stderr
+    from mod_adapter.modules.adapter import ModAdapter
+    from mod_adapter.modules.config import ModAdapterConfig
+
+    assert f'"parameter_count": {ModAdapter(ModAdapterConfig.preset("tiny")).num_parameters()}' in tiny.stdout
+
+
+def test_cli_info_on_files_and_on_bad_input(tmp_path):
+    from mod_adapter.modules.adapter import ModAdapter
+    from mod_adapter.modules.checkpoint import save_adapter_checkpoint
+    from mod_adapter.modules.concept import Concept
+    from mod_adapter.modules.concept_file import save_concept
+    from mod_adapter.modules.config import ModAdapterConfig
+
+    concept_path = tmp_path / "dog.safetensors"
+    save_concept(concept_path, Concept("dog", torch.randn(57, 3072) * 0.1, strength=0.8,
+                                       source={"kind": "learned", "steps": 10}))
+    result = mod_adapter_cli("info", str(concept_path))
+    assert result.returncode == 0, result.stderr
+    assert "kind: concept file" in result.stdout and "word: dog" in result.stdout
+
+    adapter_path = tmp_path / "adapter.safetensors"
+    adapter = ModAdapter(ModAdapterConfig.preset("tiny"))
+    save_adapter_checkpoint(adapter_path, adapter, base_model="flux1-dev",
+                            image_encoder={"name": "test", "layer": "penultimate", "tokens": 5, "width": 32})
+    result = mod_adapter_cli("info", str(adapter_path))
+    assert result.returncode == 0, result.stderr
+    assert "kind: adapter checkpoint" in result.stdout and "flux1-dev" in result.stdout
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(300))
+    for args in (["info", str(junk)], ["info", str(tmp_path / "missing.safetensors")], ["info"]):
+        result = mod_adapter_cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_requirements_never_pin_torch_and_registry_metadata_is_there():
+    requirements = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert not [r for r in requirements if re.match(r"torch\b(?!_|vision)", r)], requirements
+    for needed in ("safetensors", "numpy", "einops", "huggingface_hub", "open_clip_torch"):
+        assert any(r.startswith(needed) for r in requirements), needed
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and "Icon" in comfy
+    assert not any(d.startswith("torch") for d in project["project"]["dependencies"])
+    assert project["project"]["scripts"]["mod-adapter"] == "mod_adapter.cli:main"
+
+
+def test_loads_as_a_custom_node_folder_under_any_name(comfyui, tmp_path):
+    """ComfyUI's own loader imports the pack from a folder with an arbitrary name."""
+    import nodes as comfy_nodes  # ComfyUI's top-level nodes.py
+
+    folder = tmp_path / "My Mod-Adapter pack.v2"
+    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info"))
+    assert asyncio.run(comfy_nodes.load_custom_node(str(folder))) is True
+    module = sys.modules[str(folder).replace(".", "_x_")]
+    extension = asyncio.run(module.comfy_entrypoint())
+    assert isinstance(asyncio.run(extension.get_node_list()), list)
