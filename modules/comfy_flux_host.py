@@ -1,0 +1,338 @@
+"""ComfyUI host of the per-token modulation engine (FLUX.1).
+
+How it hooks in (docs/architecture.md says why):
+- an object patch on every block's text modulation module
+  (`double_blocks.i.txt_mod`, `single_blocks.j.modulation`) replaces it with
+  :class:`PerTokenModulation`, which calls the original module on the distinct
+  rows (base + one per concept) and hands every token its row's output. The
+  block code itself (`DoubleStreamBlock.forward`, `SingleStreamBlock.forward`)
+  is untouched, so the dit block-replacement slots stay free for other packs;
+- a DIFFUSION_MODEL wrapper that, for each forward, records what the blocks
+  cannot see: the timestep, which batch rows hold the positive prompt, and the
+  final text length (a `post_input` patch of ours, appended last, measures it
+  after other patches have prepended their tokens).
+
+This file duck-types ComfyUI's ModelPatcher and never imports ComfyUI, so it
+stays importable (and its logic testable) without it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .errors import ModelMismatchError, ModAdapterError
+from .token_modulation import ModulationPlan, TokenConcept, build_plan, modulation_rows, rows_to_tokens
+
+# comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+DIFFUSION_MODEL_WRAPPER = "diffusion_model"
+WRAPPER_KEY = "mod_adapter.token_modulation"
+
+# The positional arguments of comfy.ldm.flux.model.Flux._forward, in order; a
+# DIFFUSION_MODEL wrapper receives them as the executor would.
+_FORWARD_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+
+# Per forward pass: id(patch) -> _ForwardState. A context variable rather than
+# an attribute, so that the patch object stays immutable and can be shared by
+# every clone of the model.
+_ACTIVE_FORWARDS: contextvars.ContextVar[Dict[int, "_ForwardState"]] = contextvars.ContextVar(
+    "mod_adapter_active_forwards", default={}
+)
+
+
+@dataclass
+class ComfyConcept:
+    """A concept as the ComfyUI nodes hand it over: schedule in percent, like ComfyUI's own nodes."""
+
+    delta: torch.Tensor
+    positions: Sequence[int]
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    name: str = ""
+
+
+class _TextLengthRecorder:
+    """A post_input patch that only measures: appended after every other one,
+    it sees the text and image tokens exactly as the blocks will."""
+
+    def __init__(self) -> None:
+        self.text_len: Optional[int] = None
+        self.img_len: Optional[int] = None
+
+    def __call__(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        self.text_len = int(args["txt"].shape[1])
+        self.img_len = int(args["img"].shape[1])
+        return args
+
+
+class _ForwardState:
+    def __init__(self, patch: "FluxTokenModulationPatch", context_len: int, batch_size: int,
+                 eligible_rows: List[int], sigma: Optional[float], recorder: _TextLengthRecorder):
+        self.patch = patch
+        self.context_len = context_len
+        self.batch_size = batch_size
+        self.eligible_rows = eligible_rows
+        self.sigma = sigma
+        self.recorder = recorder
+        self._plan: Optional[ModulationPlan] = None
+        self._planned = False
+
+    @property
+    def text_len(self) -> int:
+        return self.recorder.text_len if self.recorder.text_len is not None else self.context_len
+
+    @property
+    def img_len(self) -> Optional[int]:
+        return self.recorder.img_len
+
+    def plan(self, device: torch.device) -> Optional[ModulationPlan]:
+        # Built on first use: only then has post_input told us the final text length.
+        if not self._planned:
+            self._plan = build_plan(
+                self.patch.concepts,
+                batch_size=self.batch_size,
+                text_len=self.text_len,
+                text_offset=self.text_len - self.context_len,  # tokens prepended by post_input patches
+                eligible_rows=self.eligible_rows,
+                sigma=self.sigma,
+                device=device,
+            )
+            self._planned = True
+        return self._plan
+
+
+class FluxTokenModulationPatch:
+    """The concepts of one Modulation Apply, as a DIFFUSION_MODEL wrapper.
+
+    Immutable once built, and shared (not copied) by clones of the model:
+    `ModelPatcher.clone` copies wrapper lists shallowly and object patches by
+    reference, and `__deepcopy__` keeps any deep copy light as well.
+    """
+
+    def __init__(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor] = None):
+        self.concepts = tuple(concepts)
+        # Mean over channels of each token of the prompt's conditioning: lets the
+        # wrapper pick the batch rows that carry this prompt when ComfyUI batches
+        # several positive conditionings together.
+        self.prompt_fingerprint = None if prompt_fingerprint is None else prompt_fingerprint.detach().float().cpu()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def current(self) -> Optional[_ForwardState]:
+        return _ACTIVE_FORWARDS.get().get(id(self))
+
+    def _eligible_rows(self, context: torch.Tensor, transformer_options: Dict[str, Any]) -> List[int]:
+        batch = context.shape[0]
+        cond_or_uncond = transformer_options.get("cond_or_uncond")
+        if cond_or_uncond:
+            chunk = batch // len(cond_or_uncond)
+            rows = [c * chunk + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(chunk)]
+        else:
+            rows = list(range(batch))
+        if self.prompt_fingerprint is not None and rows:
+            length = min(self.prompt_fingerprint.shape[0], context.shape[1])
+            seen = context[rows, :length].float().mean(dim=-1).cpu()
+            expected = self.prompt_fingerprint[:length]
+            match = torch.isclose(seen, expected[None], rtol=2e-2, atol=2e-3).all(dim=1)
+            rows = [r for r, ok in zip(rows, match.tolist()) if ok]
+        return rows
+
+    def __call__(self, executor, *args, **kwargs):
+        bound = dict(zip(_FORWARD_ARGS, args))
+        bound.update((k, v) for k, v in kwargs.items() if k in _FORWARD_ARGS)
+        context = bound.get("context")
+        transformer_options = bound.get("transformer_options") or {}
+        if context is None or context.ndim != 3:
+            return executor(*args, **kwargs)
+
+        sigmas = transformer_options.get("sigmas")
+        sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
+        recorder = _TextLengthRecorder()
+        options = dict(transformer_options)
+        patches = dict(options.get("patches", {}))
+        patches["post_input"] = list(patches.get("post_input", [])) + [recorder]
+        options["patches"] = patches
+
+        args = list(args)
+        if len(args) > _FORWARD_ARGS.index("transformer_options"):
+            args[_FORWARD_ARGS.index("transformer_options")] = options
+        else:
+            kwargs["transformer_options"] = options
+
+        state = _ForwardState(self, context.shape[1], context.shape[0],
+                              self._eligible_rows(context, transformer_options), sigma, recorder)
+        token = _ACTIVE_FORWARDS.set({**_ACTIVE_FORWARDS.get(), id(self): state})
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _ACTIVE_FORWARDS.reset(token)
+
+
+class PerTokenModulation(torch.nn.Module):
+    """Stands in for a block's text modulation module (ComfyUI's `Modulation`).
+
+    The original module is called, never re-implemented, so quantized (GGUF,
+    fp8) and cast layers work as they do in the stock model. Its children are
+    re-registered under their own names (`lin`) so that weight keys such as
+    `double_blocks.0.txt_mod.lin.weight` still resolve while the patch is in
+    place (ComfyUI applies LoRA weight patches after object patches).
+    """
+
+    def __init__(self, original: torch.nn.Module, patch: FluxTokenModulationPatch, block_index: int, single_stream: bool):
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not a child: keeps state-dict names unchanged
+        for name, child in original.named_children():
+            self._modules[name] = child  # not add_module: __getattr__ below already finds it on the original
+        self.patch = patch
+        self.block_index = block_index
+        self.single_stream = single_stream
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "original"), name)
+
+    def forward(self, vec: torch.Tensor, *args, **kwargs):
+        state = self.patch.current()
+        plan = state.plan(vec.device) if state is not None and vec.ndim == 2 else None
+        if plan is None:
+            return self.original(vec, *args, **kwargs)
+        trailing = 0
+        if self.single_stream:
+            if state.img_len is None:
+                raise ModAdapterError("Mod-Adapter could not measure the image token count of this FLUX forward pass")
+            trailing = state.img_len
+        outputs = self.original(modulation_rows(vec, plan, self.block_index), *args, **kwargs)
+        return tuple(_spread_to_tokens(out, plan, trailing) for out in outputs)
+
+
+def _spread_to_tokens(out, plan: ModulationPlan, trailing: int):
+    if out is None:
+        return None
+    if isinstance(out, torch.Tensor):
+        return rows_to_tokens(out, plan, trailing)
+    # ComfyUI's ModulationOut(shift, scale, gate): a dataclass of (B, rows, D) tensors.
+    return dataclasses.replace(out, **{f.name: rows_to_tokens(getattr(out, f.name), plan, trailing)
+                                       for f in dataclasses.fields(out)})
+
+
+@dataclass(frozen=True)
+class FluxLayout:
+    num_double_blocks: int
+    num_single_blocks: int
+    hidden_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_double_blocks + self.num_single_blocks
+
+
+def _module_keys(layout: FluxLayout) -> List[str]:
+    return ([f"diffusion_model.double_blocks.{i}.txt_mod" for i in range(layout.num_double_blocks)]
+            + [f"diffusion_model.single_blocks.{j}.modulation" for j in range(layout.num_single_blocks)])
+
+
+def inspect_flux1(model_patcher) -> FluxLayout:
+    """Check that a ComfyUI MODEL is FLUX.1-shaped and return its block layout.
+
+    Raises ModelMismatchError with what was found and what to load instead.
+    """
+    get = getattr(model_patcher, "get_model_object", None)
+    if get is None:
+        raise ModelMismatchError(f"Expected a ComfyUI MODEL, got {type(model_patcher).__name__}")
+    diffusion_model = get("diffusion_model")
+    kind = type(diffusion_model).__name__
+    double_blocks = getattr(diffusion_model, "double_blocks", None)
+    single_blocks = getattr(diffusion_model, "single_blocks", None)
+    if double_blocks is None or single_blocks is None:
+        raise ModelMismatchError(
+            f"Mod-Adapter needs a FLUX.1 model (dev, schnell or a fine-tune of them), but this MODEL is {kind} "
+            f"({type(getattr(model_patcher, 'model', None)).__name__}), which has no FLUX double/single stream blocks. "
+            f"Load a FLUX.1 checkpoint with Load Diffusion Model (UNETLoader) or Load Checkpoint."
+        )
+    if kind == "Chroma" or not all(hasattr(b, "txt_mod") for b in double_blocks):
+        raise ModelMismatchError(
+            f"This MODEL ({kind}) is FLUX-like but its blocks have no per-block text modulation layer "
+            f"(Chroma and FLUX.2 compute modulation once for the whole model). Mod-Adapter predicts one direction per "
+            f"FLUX.1 block: load a FLUX.1 model."
+        )
+    layout = FluxLayout(len(double_blocks), len(single_blocks), int(double_blocks[0].txt_mod.lin.in_features))
+    for key in _module_keys(layout):
+        module = get(key)
+        if not hasattr(module, "lin"):
+            raise ModelMismatchError(f"{kind}: {key} is not a modulation layer with a `lin` projection; this is not FLUX.1")
+    return layout
+
+
+def check_concepts_fit(layout: FluxLayout, concepts: Sequence[TokenConcept]) -> None:
+    for c in concepts:
+        rows, width = c.delta.shape
+        if (rows, width) != (layout.num_blocks, layout.hidden_size):
+            raise ModelMismatchError(
+                f"Concept {c.name!r} has a Δ table of {rows}×{width}, but this FLUX model has "
+                f"{layout.num_double_blocks}+{layout.num_single_blocks} = {layout.num_blocks} blocks of width "
+                f"{layout.hidden_size}. The concept was made for a different base model: re-create it for this one."
+            )
+
+
+def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_fingerprint: Optional[torch.Tensor] = None):
+    """Return a clone of `model_patcher` whose concept tokens use `vec + s·Δ_i`.
+
+    The input MODEL is not changed. Applying again to an already patched clone
+    adds the new concepts to the ones there (one patch, one set of rows).
+    """
+    layout = inspect_flux1(model_patcher)
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    token_concepts = [
+        TokenConcept(
+            delta=c.delta.detach(),
+            positions=list(c.positions),
+            strength=float(c.strength),
+            sigma_start=float(model_sampling.percent_to_sigma(c.start_percent)),
+            sigma_end=float(model_sampling.percent_to_sigma(c.end_percent)),
+            name=c.name,
+        )
+        for c in concepts
+    ]
+    check_concepts_fit(layout, token_concepts)
+
+    patched = model_patcher.clone()
+    keys = _module_keys(layout)
+    first = patched.get_model_object(keys[0])
+    previous = first.patch if isinstance(first, PerTokenModulation) else None
+    if previous is not None:
+        if previous.prompt_fingerprint is not None and prompt_fingerprint is not None and not (
+            previous.prompt_fingerprint.shape == prompt_fingerprint.shape
+            and torch.allclose(previous.prompt_fingerprint, prompt_fingerprint.detach().float().cpu())
+        ):
+            raise ModAdapterError(
+                "This MODEL already carries Mod-Adapter concepts for a different prompt. Apply all concepts of one "
+                "prompt in one node (chain them into one CONCEPTS input) instead of stacking apply nodes."
+            )
+        token_concepts = list(previous.concepts) + token_concepts
+        patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    patch = FluxTokenModulationPatch(token_concepts, prompt_fingerprint)
+
+    for block_index, key in enumerate(keys):
+        original = patched.get_model_object(key)
+        if isinstance(original, PerTokenModulation):
+            original = original.original
+        patched.add_object_patch(
+            key, PerTokenModulation(original, patch, block_index, single_stream=block_index >= layout.num_double_blocks)
+        )
+    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, patch)
+    return patched
+
+
+def prompt_fingerprint(conditioning_tensor: torch.Tensor) -> torch.Tensor:
+    """Per-token channel mean of a prompt's conditioning (1, L, C) -> (L,)."""
+    if conditioning_tensor.ndim != 3 or conditioning_tensor.shape[0] != 1:
+        raise ModAdapterError(f"Expected one prompt's conditioning (1, tokens, channels), got {tuple(conditioning_tensor.shape)}")
+    return conditioning_tensor[0].float().mean(dim=-1).cpu()

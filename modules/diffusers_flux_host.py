@@ -1,0 +1,184 @@
+"""diffusers host of the per-token modulation engine (FluxTransformer2DModel).
+
+Used by training and standalone generation. The math is the shared one in
+token_modulation.py; this file only adapts it to diffusers' module layout:
+- `transformer_blocks[i].norm1_context` (AdaLayerNormZero of the text stream)
+  and `single_transformer_blocks[j].norm` (AdaLayerNormZeroSingle over
+  cat(text, image)) are replaced by wrappers that run the layer's own
+  `linear(silu(·))` on the distinct rows and normalise each token with its row;
+- a forward pre-hook on the transformer records the text length, batch size
+  and timestep of each call.
+
+diffusers' blocks read the gates as `gate.unsqueeze(1)` and the MLP shift and
+scale as `x[:, None]` (one row per sample). The wrappers hand back
+:class:`TokenwiseModulation` objects that answer exactly those two forms with
+the per-token (B, L, D) tensor and refuse any other use, so a change in
+diffusers' block code fails loudly instead of silently dropping the concepts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import ModAdapterError, ModelMismatchError
+from .token_modulation import ModulationPlan, TokenConcept, build_plan, modulation_rows, rows_to_tokens
+
+
+class TokenwiseModulation:
+    """A per-token modulation tensor (B, L, D) in the place of a per-sample (B, D) one."""
+
+    __slots__ = ("per_token",)
+
+    def __init__(self, per_token: torch.Tensor):
+        self.per_token = per_token
+
+    def unsqueeze(self, dim: int) -> torch.Tensor:
+        if dim == 1:
+            return self.per_token
+        raise self._unsupported(f"unsqueeze({dim})")
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if index == (slice(None), None):
+            return self.per_token
+        raise self._unsupported(f"[{index!r}]")
+
+    def __getattr__(self, name: str):
+        raise self._unsupported(f".{name}")
+
+    @staticmethod
+    def _unsupported(use: str) -> ModAdapterError:
+        return ModAdapterError(
+            f"This diffusers version uses a FLUX modulation output as `{use}`, which Mod-Adapter's diffusers host does "
+            f"not know. Install a diffusers version the pack supports (see requirements) or report it."
+        )
+
+
+class _DiffusersHostState:
+    def __init__(self) -> None:
+        self.concepts: Sequence[TokenConcept] = ()
+        self.batch_size = 0
+        self.text_len = 0
+        self.sigma: Optional[float] = None
+        self._plan: Optional[ModulationPlan] = None
+        self._planned = False
+
+    def begin_forward(self, batch_size: int, text_len: int, sigma: Optional[float]) -> None:
+        # The plan is kept after the forward returns: gradient checkpointing runs
+        # the blocks again during backward and must see the same plan.
+        self.batch_size, self.text_len, self.sigma = batch_size, text_len, sigma
+        self._plan, self._planned = None, False
+
+    def plan(self, device: torch.device) -> Optional[ModulationPlan]:
+        if not self._planned:
+            self._plan = build_plan(self.concepts, batch_size=self.batch_size, text_len=self.text_len,
+                                    sigma=self.sigma, device=device)
+            self._planned = True
+        return self._plan
+
+
+class _ConceptNormWrapper(torch.nn.Module):
+    """Stands in for an AdaLayerNormZero(-Single); keeps its children's names."""
+
+    def __init__(self, original: torch.nn.Module, state: _DiffusersHostState, block_index: int, single_stream: bool):
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not a child: state-dict names stay `norm1_context.linear.weight`
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "state", state)
+        self.block_index = block_index
+        self.single_stream = single_stream
+
+    def forward(self, x: torch.Tensor, *args, emb: Optional[torch.Tensor] = None, **kwargs):
+        plan = self.state.plan(x.device) if emb is not None and emb.ndim == 2 and not args and not kwargs else None
+        if plan is None:
+            return self.original(x, *args, emb=emb, **kwargs)
+        per_row = self.original.linear(self.original.silu(modulation_rows(emb, plan, self.block_index)))
+        per_token = rows_to_tokens(per_row, plan, trailing_len=x.shape[1] - plan.text_len)
+        if self.single_stream:
+            shift, scale, gate = per_token.chunk(3, dim=-1)
+            return self.original.norm(x) * (1 + scale) + shift, TokenwiseModulation(gate)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
+        normed = self.original.norm(x) * (1 + scale_msa) + shift_msa
+        return (normed, TokenwiseModulation(gate_msa), TokenwiseModulation(shift_mlp),
+                TokenwiseModulation(scale_mlp), TokenwiseModulation(gate_mlp))
+
+
+def _check_flux_transformer(transformer) -> tuple:
+    double = getattr(transformer, "transformer_blocks", None)
+    single = getattr(transformer, "single_transformer_blocks", None)
+    if double is None or single is None or not all(hasattr(b, "norm1_context") for b in double) \
+            or not all(hasattr(b, "norm") for b in single):
+        raise ModelMismatchError(
+            f"Expected a diffusers FluxTransformer2DModel (FLUX.1), got {type(transformer).__name__}"
+        )
+    width = double[0].norm1_context.linear.in_features
+    return len(double), len(single), width
+
+
+class DiffusersFluxConcepts:
+    """Per-token concept modulation installed on a diffusers FLUX.1 transformer.
+
+    Usage::
+
+        with DiffusersFluxConcepts(transformer) as host:
+            host.set_concepts([TokenConcept(delta, positions=[3], strength=1.0)])
+            out = transformer(hidden_states=..., encoder_hidden_states=..., ...)
+
+    `set_concepts` may be called before every forward (training gives each
+    sample its own concept via `TokenConcept.batch_rows`). Leaving the block or
+    `remove()` puts the original modules back.
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.num_double_blocks, self.num_single_blocks, self.width = _check_flux_transformer(transformer)
+        self.transformer = transformer
+        self.state = _DiffusersHostState()
+        self._installed = []
+        for i, block in enumerate(transformer.transformer_blocks):
+            self._install(block, "norm1_context", i, single_stream=False)
+        for j, block in enumerate(transformer.single_transformer_blocks):
+            self._install(block, "norm", self.num_double_blocks + j, single_stream=True)
+        self._hook = transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_double_blocks + self.num_single_blocks
+
+    def _install(self, block, attr: str, block_index: int, single_stream: bool) -> None:
+        original = getattr(block, attr)
+        setattr(block, attr, _ConceptNormWrapper(original, self.state, block_index, single_stream))
+        self._installed.append((block, attr, original))
+
+    def _before_forward(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+        if hidden is None or text is None:
+            raise ModAdapterError("Mod-Adapter's diffusers host needs hidden_states and encoder_hidden_states")
+        sigma = float(timestep.max()) if isinstance(timestep, torch.Tensor) and timestep.numel() else None
+        self.state.begin_forward(hidden.shape[0], text.shape[1], sigma)
+        return None
+
+    def set_concepts(self, concepts: Sequence[TokenConcept]) -> None:
+        for c in concepts:
+            if tuple(c.delta.shape) != (self.num_blocks, self.width):
+                raise ModelMismatchError(
+                    f"Concept {c.name!r} has a Δ table of {tuple(c.delta.shape)}, but this FLUX transformer needs "
+                    f"({self.num_blocks}, {self.width})"
+                )
+        self.state.concepts = tuple(concepts)
+        self.state._planned = False
+
+    def remove(self) -> None:
+        for block, attr, original in reversed(self._installed):
+            setattr(block, attr, original)
+        self._installed.clear()
+        self._hook.remove()
+
+    def __enter__(self) -> "DiffusersFluxConcepts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
