@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ class Concept:
     # or {"kind": "learned", "steps": 1400, "images": 1}.
     source: Dict[str, Any] = field(default_factory=_default_source)
     base_model: str = "flux1"
+    # How many leading Δ rows belong to double-stream blocks (19 for FLUX.1);
+    # None = unknown (the concept file writer then assumes FLUX.1).
+    num_double_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +69,14 @@ class Concept:
             json.dumps(self.source, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ModAdapterError(f"Concept {self.word!r}: source must be JSON-serialisable ({exc})") from None
+        if self.num_double_blocks is not None and (
+            isinstance(self.num_double_blocks, bool) or not isinstance(self.num_double_blocks, int)
+            or not 0 <= self.num_double_blocks <= self.delta.shape[0]
+        ):
+            raise ModAdapterError(
+                f"Concept {self.word!r}: num_double_blocks must be an integer between 0 and {self.delta.shape[0]}, "
+                f"got {self.num_double_blocks!r}"
+            )
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ModAdapterError(f"Concept {self.word!r}: base_model must be a non-empty string, got {self.base_model!r}")
 

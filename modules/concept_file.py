@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict
+import re
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -172,17 +173,23 @@ def load_concept(path, *, device="cpu", dtype: torch.dtype = torch.float32) -> C
             strength=info["strength"],
             source=info["source"],
             base_model=info["base_model"],
+            num_double_blocks=info["num_double_blocks"],
         )
     except ModAdapterError as exc:
         raise _refuse(path, str(exc)) from None
 
 
-def save_concept(path, concept: Concept, *, num_double_blocks: int = FLUX1_NUM_DOUBLE_BLOCKS) -> None:
+def save_concept(path, concept: Concept, *, num_double_blocks: Optional[int] = None) -> None:
     """Write ``concept`` to ``path`` (atomically) as a format_version 1 concept file.
 
     ``num_double_blocks`` records how the Δ rows split into double-stream
-    (first) and single-stream blocks: 19 for FLUX.1.
+    (first) and single-stream blocks; by default the concept's own value, or
+    19 (FLUX.1) when it has none.
     """
+    if num_double_blocks is None:
+        num_double_blocks = getattr(concept, "num_double_blocks", None)
+        if num_double_blocks is None:
+            num_double_blocks = FLUX1_NUM_DOUBLE_BLOCKS
     if not isinstance(concept, Concept):
         raise TypeError(f"save_concept needs a Concept, got {type(concept).__name__}")
     try:
@@ -212,3 +219,22 @@ def save_concept(path, concept: Concept, *, num_double_blocks: int = FLUX1_NUM_D
         "modulation_dim": str(concept.modulation_dim),
     }
     save_safetensors(path, {DELTA_TENSOR: delta}, metadata)
+
+
+def new_concept_path(folder, prefix: str, word: str) -> str:
+    """A new, unused path ``<folder>/<prefix>_<word>_<NNNNN>.safetensors``.
+
+    The prefix may name a subfolder (``pets/rex``) but may not leave ``folder``.
+    """
+    prefix = (prefix or "concept").strip().replace("\\", "/")
+    if prefix.startswith("/") or ".." in prefix.split("/") or os.path.isabs(prefix):
+        raise ConceptFileError(f"filename_prefix {prefix!r} must stay inside the concept folder: use a plain name "
+                               f"or a relative subfolder like 'people/anna'")
+    safe_word = re.sub(r"[^\w-]+", "_", word.strip()).strip("_") or "concept"
+    target_dir = os.path.join(os.fspath(folder), os.path.dirname(prefix))
+    os.makedirs(target_dir, exist_ok=True)
+    stem = f"{os.path.basename(prefix) or 'concept'}_{safe_word}"
+    counter = 1
+    while os.path.exists(os.path.join(target_dir, f"{stem}_{counter:05d}.safetensors")):
+        counter += 1
+    return os.path.join(target_dir, f"{stem}_{counter:05d}.safetensors")

@@ -1,7 +1,7 @@
 """ComfyUI layer of Mod-Adapter: V3 node definitions only; the method lives in ../modules."""
 
 try:
-    from comfy_api.latest import ComfyExtension, io  # noqa: F401
+    from comfy_api.latest import ComfyExtension, io
 except ImportError as e:  # imported outside ComfyUI
     raise ImportError(
         "mod_adapter.nodes needs ComfyUI (comfy_api was not found). Put the pack in ComfyUI/custom_nodes/ "
@@ -10,11 +10,31 @@ except ImportError as e:  # imported outside ComfyUI
 
 from typing_extensions import override
 
+from .model_folders import register_model_folders
+
+register_model_folders()  # before the loaders' schemas list the folders
+
+from .adapter_loader import ModAdapterLoader  # noqa: E402
+from .concept_encoder import ModAdapterConceptEncoder  # noqa: E402
+from .concept_files import ModAdapterLoadConcept, ModAdapterSaveConcept  # noqa: E402
+from .modulation_apply import ModAdapterModulationApply, ModAdapterModulationApplyAdvanced  # noqa: E402
+from .predictor import ModAdapterPredictor  # noqa: E402
+
+NODES = [
+    ModAdapterLoader,
+    ModAdapterConceptEncoder,
+    ModAdapterPredictor,
+    ModAdapterModulationApply,
+    ModAdapterModulationApplyAdvanced,
+    ModAdapterSaveConcept,
+    ModAdapterLoadConcept,
+]
+
 
 class ModAdapterExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return list(NODES)
 
 
 async def comfy_entrypoint() -> ModAdapterExtension:

@@ -1,0 +1,65 @@
+"""Mod-Adapter Loader: a checkpoint from models/mod_adapter, managed by ComfyUI."""
+
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..modules.checkpoint import load_adapter_checkpoint
+from .model_folders import ADAPTER_FOLDER
+from .sockets import CATEGORY, ModAdapterSocket
+
+
+class AdapterRunner:
+    """A loaded adapter wrapped in a ModelPatcher, so ComfyUI's model management
+    moves it to the GPU for a prediction and offloads it when memory is needed."""
+
+    def __init__(self, path: str, dtype: torch.dtype):
+        loaded = load_adapter_checkpoint(path, device="cpu", dtype=dtype)
+        self.adapter = loaded.adapter
+        self.config = loaded.config
+        self.metadata = loaded.metadata
+        self.name = os.path.basename(path)
+        self.num_double_blocks = self.config.num_double_blocks
+        # ModelPatcher writes its own bookkeeping attributes (device, lowvram state) onto the
+        # module it manages; a plain holder keeps them off the adapter's own API.
+        holder = torch.nn.Module()
+        holder.adapter = self.adapter
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            holder, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    def predict(self, neutral, image_tokens, key_mask):
+        mm.load_model_gpu(self.patcher)
+        device = self.patcher.load_device
+        dtype = next(self.adapter.parameters()).dtype
+        delta = self.adapter(neutral.to(device, dtype), image_tokens.to(device, dtype), key_mask.to(device))
+        return delta.float().to(mm.intermediate_device())
+
+
+def adapter_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
+class ModAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ModAdapterLoader",
+            display_name="Mod-Adapter Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a Mod-Adapter checkpoint (.safetensors) from models/mod_adapter.",
+            inputs=[
+                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
+                               tooltip="Adapter checkpoint in models/mod_adapter (or a folder named 'mod_adapter' "
+                                       "in extra_model_paths.yaml)."),
+            ],
+            outputs=[ModAdapterSocket.Output(display_name="MOD_ADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
+        return io.NodeOutput(AdapterRunner(path, adapter_dtype(mm.get_torch_device())))

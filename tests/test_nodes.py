@@ -1,0 +1,197 @@
+"""The pack's nodes inside a real ComfyUI (COMFYUI_PATH), run in-process on tiny models.
+
+Each node's `execute` is called as ComfyUI's executor calls it; sampling goes
+through ComfyUI's own sampler.
+"""
+
+import os
+
+import pytest
+import torch
+
+from mod_adapter.modules.concept_file import load_concept
+from mod_adapter.modules.errors import CheckpointError, ConceptWordNotFoundError, ModAdapterError, ModelMismatchError
+
+
+@pytest.fixture(scope="module")
+def comfy_env(comfyui, tmp_path_factory):
+    import folder_paths
+
+    import mod_adapter.nodes as pack_nodes
+    import tiny_comfy
+
+    models = tmp_path_factory.mktemp("models")
+    for name in ("mod_adapter", "mod_concepts"):
+        (models / name).mkdir()
+        folder_paths.add_model_folder_path(name, str(models / name), is_default=True)
+    tiny_comfy.tiny_adapter_checkpoint(str(models / "mod_adapter" / "tiny.safetensors"))
+    env = dict(
+        nodes=pack_nodes, models=models, flux=tiny_comfy.tiny_flux_model(), clip=tiny_comfy.tiny_flux_clip(),
+        clip_vision=tiny_comfy.tiny_clip_vision(),
+    )
+    env["runner"] = pack_nodes.ModAdapterLoader.execute("tiny.safetensors").result[0]
+    return env
+
+
+def result(node_output):
+    return node_output.result
+
+
+def sample(model, positive, seed=0):
+    import comfy.sample
+
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", positive, [], torch.zeros(1, 16, 16, 16),
+                               seed=seed, disable_pbar=True)
+
+
+def encode(env, word="dog", seed=0, references=1, mask=None, crop="center"):
+    image = torch.rand(references, 80, 120, 3, generator=torch.Generator().manual_seed(seed))
+    return result(env["nodes"].ModAdapterConceptEncoder.execute(image, word, env["clip_vision"], env["clip"],
+                                                                 crop=crop, mask=mask))
+
+
+def predict(env, embeds, concepts=None, strength=1.0):
+    return result(env["nodes"].ModAdapterPredictor.execute(env["runner"], env["flux"], embeds, strength, concepts))[0]
+
+
+def test_every_node_has_tooltips_and_ids_and_categories_of_the_pack(comfy_env):
+    for node in comfy_env["nodes"].NODES:
+        schema = node.define_schema()
+        assert schema.node_id.startswith("ModAdapter") and schema.category.startswith("mod_adapter")
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+
+
+def test_loader_lists_and_loads_adapters_and_refuses_other_files(comfy_env):
+    import folder_paths
+
+    assert "tiny.safetensors" in folder_paths.get_filename_list("mod_adapter")
+    runner = comfy_env["runner"]
+    assert runner.config.modulation_dim == 128 and runner.patcher.model.adapter is runner.adapter
+    not_an_adapter = comfy_env["models"] / "mod_adapter" / "concept.safetensors"
+    from mod_adapter.modules.concept import Concept
+    from mod_adapter.modules.concept_file import save_concept
+
+    save_concept(not_an_adapter, Concept("dog", torch.zeros(4, 128), num_double_blocks=2))
+    with pytest.raises(CheckpointError, match="concept.safetensors"):
+        comfy_env["nodes"].ModAdapterLoader.execute("concept.safetensors")
+    os.remove(not_an_adapter)
+
+
+def test_concept_encoder_outputs_embeddings_and_what_the_encoder_saw(comfy_env):
+    embeds, preview = encode(comfy_env, references=2)
+    assert embeds.image_tokens.shape == (2, 50, 32)
+    assert embeds.word_pooled.shape == (1, 64) and embeds.token_mask is None
+    assert preview.shape == (2, 224, 224, 3) and 0 <= preview.min() and preview.max() <= 1
+
+    mask = torch.zeros(1, 80, 120)
+    mask[:, :, :60] = 1  # the left half of a landscape image; the centre crop keeps its middle
+    masked, masked_preview = encode(comfy_env, references=2, mask=mask)
+    assert masked.token_mask.shape == (2, 50) and masked.token_mask[:, 0].all()
+    grid = masked.token_mask[0, 1:].view(7, 7)
+    assert grid[:, 0].all() and not grid[:, -1].any()  # left columns kept, right ones dropped
+    assert masked_preview[0, 112, 200].max() < preview[0, 112, 200].max() or preview[0, 112, 200].max() == 0
+
+
+@pytest.mark.parametrize("image, message", [
+    (torch.zeros(0, 64, 64, 3), "empty"),
+    (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
+])
+def test_concept_encoder_refuses_bad_images(comfy_env, image, message):
+    with pytest.raises(ModAdapterError, match=message):
+        comfy_env["nodes"].ModAdapterConceptEncoder.execute(image, "dog", comfy_env["clip_vision"], comfy_env["clip"])
+    with pytest.raises(ModAdapterError, match="concept word is empty"):
+        comfy_env["nodes"].ModAdapterConceptEncoder.execute(torch.rand(1, 64, 64, 3), "  ", comfy_env["clip_vision"],
+                                                            comfy_env["clip"])
+
+
+def test_predictor_checks_the_model_and_the_image_encoder(comfy_env):
+    embeds, _ = encode(comfy_env)
+    from tiny_flux import tiny_comfy_flux  # width 256: not what the adapter was trained for
+
+    with pytest.raises(ModelMismatchError, match="width 128, but this MODEL has 2\\+4 blocks of width 256"):
+        result(comfy_env["nodes"].ModAdapterPredictor.execute(comfy_env["runner"], tiny_comfy_flux(), embeds, 1.0))
+    wrong_width = type(embeds)(word="dog", image_tokens=torch.randn(1, 50, 48), word_pooled=embeds.word_pooled)
+    with pytest.raises(ModelMismatchError, match="48-wide image tokens.*tiny-clip-vision"):
+        predict(comfy_env, wrong_width)
+
+
+def test_apply_patches_a_clone_and_only_the_concept_changes_the_image(comfy_env):
+    nodes, flux, clip = comfy_env["nodes"], comfy_env["flux"], comfy_env["clip"]
+    dog, _ = encode(comfy_env, "dog", seed=1)
+    concepts = predict(comfy_env, dog)
+    text = "a photo of a dog on the grass"
+    patched, conditioning = result(nodes.ModAdapterModulationApply.execute(flux, clip, text, concepts))
+    assert patched is not flux and not flux.object_patches
+    plain_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    torch.testing.assert_close(conditioning[0][0], plain_conditioning[0][0])
+    before = sample(flux, conditioning)
+    with_concept = sample(patched, conditioning)
+    assert (with_concept - before).abs().max() > 1e-3
+    assert torch.equal(sample(flux, conditioning), before)  # the input MODEL is untouched
+
+
+def test_apply_names_a_missing_word_and_shows_the_prompt_tokens(comfy_env):
+    embeds, _ = encode(comfy_env, "giraffe")
+    concepts = predict(comfy_env, embeds)
+    with pytest.raises(ConceptWordNotFoundError, match="giraffe") as error:
+        comfy_env["nodes"].ModAdapterModulationApply.execute(comfy_env["flux"], comfy_env["clip"],
+                                                             "a photo of a dog", concepts)
+    assert "dog" in str(error.value)  # the tokenized prompt is shown
+
+
+def test_apply_passes_a_matching_conditioning_through_and_refuses_another(comfy_env):
+    nodes, flux, clip = comfy_env["nodes"], comfy_env["flux"], comfy_env["clip"]
+    concepts = predict(comfy_env, encode(comfy_env, "dog")[0])
+    text = "a dog in the snow"
+    given = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    _, passed = result(nodes.ModAdapterModulationApply.execute(flux, clip, text, concepts, conditioning=given))
+    assert passed is given
+    other = clip.encode_from_tokens_scheduled(clip.tokenize("a dog on a beach at night"))
+    with pytest.raises(ModAdapterError, match="not the encoding of its text"):
+        nodes.ModAdapterModulationApply.execute(flux, clip, text, concepts, conditioning=other)
+    with pytest.raises(ModAdapterError, match="start_percent"):
+        nodes.ModAdapterModulationApplyAdvanced.execute(flux, clip, text, concepts, 0.8, 0.2, 0)
+
+
+def test_advanced_apply_with_an_empty_schedule_is_the_plain_model(comfy_env):
+    nodes, flux, clip = comfy_env["nodes"], comfy_env["flux"], comfy_env["clip"]
+    concepts = predict(comfy_env, encode(comfy_env, "dog")[0])
+    text = "a dog and another dog"
+    never, conditioning = result(nodes.ModAdapterModulationApplyAdvanced.execute(flux, clip, text, concepts, 1.0, 1.0, 0))
+    torch.testing.assert_close(sample(never, conditioning), sample(flux, conditioning))
+    second_only, _ = result(nodes.ModAdapterModulationApplyAdvanced.execute(flux, clip, text, concepts, 0.0, 1.0, 2))
+    every, _ = result(nodes.ModAdapterModulationApplyAdvanced.execute(flux, clip, text, concepts, 0.0, 1.0, 0))
+    assert not torch.allclose(sample(second_only, conditioning), sample(every, conditioning))
+
+
+def test_saved_concepts_reload_and_give_the_same_image(comfy_env):
+    nodes, flux, clip = comfy_env["nodes"], comfy_env["flux"], comfy_env["clip"]
+    chained = predict(comfy_env, encode(comfy_env, "lighting", seed=3)[0],
+                      concepts=predict(comfy_env, encode(comfy_env, "dog", seed=2)[0]))
+    (saved,) = result(nodes.ModAdapterSaveConcept.execute(chained, "test/pets"))
+    folder = comfy_env["models"] / "mod_concepts" / "test"
+    files = sorted(os.listdir(folder))
+    assert files == ["pets_dog_00001.safetensors", "pets_lighting_00001.safetensors"]
+    torch.testing.assert_close(load_concept(folder / files[0]).delta, saved.items[0].delta, rtol=1e-2, atol=1e-2)
+
+    import folder_paths
+
+    assert "test/pets_dog_00001.safetensors" in folder_paths.get_filename_list("mod_concepts")
+    (loaded,) = result(nodes.ModAdapterLoadConcept.execute("test/pets_dog_00001.safetensors", 1.0, None))
+    (loaded,) = result(nodes.ModAdapterLoadConcept.execute("test/pets_lighting_00001.safetensors", 0.5, loaded))
+    assert [c.word for c in loaded.items] == ["dog", "lighting"] and loaded.items[1].strength == 0.5
+
+    text = "a dog under soft lighting"
+    from_files, conditioning = result(nodes.ModAdapterModulationApply.execute(flux, clip, text, loaded))
+    full_strength, _ = result(nodes.ModAdapterModulationApply.execute(
+        flux, clip, text, result(nodes.ModAdapterLoadConcept.execute("test/pets_lighting_00001.safetensors", 1.0,
+                                                                     result(nodes.ModAdapterLoadConcept.execute(
+                                                                         "test/pets_dog_00001.safetensors", 1.0,
+                                                                         None))[0]))[0]))
+    predicted, _ = result(nodes.ModAdapterModulationApply.execute(flux, clip, text, saved))
+    # bf16 storage: the image from files matches the predicted one closely, not bit for bit.
+    torch.testing.assert_close(sample(full_strength, conditioning), sample(predicted, conditioning),
+                               rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(sample(from_files, conditioning), sample(full_strength, conditioning))
