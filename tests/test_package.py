@@ -114,3 +114,24 @@ def test_loads_as_a_custom_node_folder_under_any_name(comfyui, tmp_path):
     module = sys.modules[str(folder).replace(".", "_x_")]
     extension = asyncio.run(module.comfy_entrypoint())
     assert isinstance(asyncio.run(extension.get_node_list()), list)
+
+
+def test_comfy_registry_reads_the_pyproject(comfyui):
+    """ComfyUI's own parser of the [tool.comfy] section (what the registry and Manager read)."""
+    from comfy_config.config_parser import extract_node_configuration
+
+    config = extract_node_configuration(str(REPO))
+    assert config.tool_comfy.publisher_id == "mod-adapter"
+    assert config.tool_comfy.display_name == "Mod-Adapter for FLUX.1"
+    assert config.project.name == "comfyui-mod-adapter" and config.project.urls.repository
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in config.project.dependencies}
+    assert "open_clip_torch" in names and not names & {"torch", "torchvision", "torchaudio"}
+    icon = config.tool_comfy.icon
+    assert icon.endswith("docs/icon.png") and (REPO / "docs" / "icon.png").is_file()
+
+
+def test_comfyignore_keeps_development_files_out_of_the_published_archive():
+    ignored = {line.strip() for line in (REPO / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"tests/", "benchmarks/", ".ci/"} <= ignored
+    assert not ignored & {"nodes/", "modules/", "workflows/", "__init__.py", "requirements.txt"}
