@@ -1,0 +1,326 @@
+"""The pack inside a real ComfyUI server (COMFYUI_PATH), driven over HTTP like the frontend drives it.
+
+One server is started for the module: `main.py --cpu` with a throw-away base
+directory whose custom_nodes/ holds a copy of this repository under an odd
+folder name and tests/comfy_test_pack (loaders of tiny random models, built
+by a copy of tests/tiny_comfy.py). The example workflows are converted to API
+prompts the way the frontend converts them (test_workflows.ui_to_api), their
+model loaders swapped for the tiny ones, queued with POST /prompt and followed
+on /history. Skipped, with the reason, when COMFYUI_PATH is not set.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_workflows import PACK_NODE_IDS, REPO, WORKFLOWS_DIR, load_workflow, ui_to_api
+
+PACK_FOLDER = "Mod Adapter-pack"  # spaces and a dash: ComfyUI must cope with any folder name
+TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"
+ADAPTER = "tiny_adapter.safetensors"
+SERVER_START_TIMEOUT = 150
+PROMPT_TIMEOUT = 120
+TINY_LOADERS = {  # ComfyUI's loader -> the test pack's loader of a tiny model with the same output type
+    "UNETLoader": "TinyFluxModelLoader",
+    "DualCLIPLoader": "TinyFluxClipLoader",
+    "CLIPVisionLoader": "TinyClipVisionLoader",
+    "VAELoader": "TinyVAELoader",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _concept_png(path: Path, seed: int, size=(96, 80)) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    base = np.stack([x / size[0], y / size[1], 0.5 + 0.5 * np.sin(x / 7.0 + seed)], axis=-1)
+    pixels = np.clip(base * 200 + rng.integers(0, 55, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+class ComfyServer:
+    def __init__(self, base: Path, port: int, process: subprocess.Popen, log: Path):
+        self.base, self.port, self.process, self.log = base, port, process, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log_tail(self, chars=6000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no server log)"
+
+    def request(self, path, body=None, timeout=30):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def run(self, prompt: dict) -> dict:
+        """Queues an API prompt and waits for its /history entry; fails with ComfyUI's own error."""
+        status, answer = self.request("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        assert status == 200, f"POST /prompt refused ({status}): {json.dumps(answer, indent=1)[:4000]}"
+        prompt_id = answer["prompt_id"]
+        deadline = time.monotonic() + PROMPT_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the server died:\n{self.log_tail()}"
+            _, history = self.request(f"/history/{prompt_id}")
+            entry = (history or {}).get(prompt_id)
+            status = (entry or {}).get("status") or {}
+            if status.get("completed") or status.get("status_str") == "error":
+                errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                assert status.get("status_str") == "success" and not errors, \
+                    f"prompt failed: {json.dumps(errors or status, indent=1)[:4000]}\n{self.log_tail(3000)}"
+                return entry
+            time.sleep(0.2)
+        pytest.fail(f"prompt {prompt_id} did not finish in {PROMPT_TIMEOUT} s\n{self.log_tail()}")
+
+    def image_files(self, entry: dict, node_id: str) -> list:
+        folders = {"output": self.base / "output", "temp": self.base / "temp"}
+        images = entry["outputs"][node_id]["images"]
+        return [folders[i["type"]] / i.get("subfolder", "") / i["filename"] for i in images]
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, tmp_path_factory):
+    import tiny_comfy
+
+    comfy_path = Path(os.environ["COMFYUI_PATH"]).resolve()
+    base = tmp_path_factory.mktemp("comfy_base")
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir()
+    shutil.copytree(REPO, custom_nodes / PACK_FOLDER, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", ".pytest_cache", "tests", "benchmarks"))
+    shutil.copytree(TEST_PACK, custom_nodes / "comfy_test_pack", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(tiny_comfy.__file__), custom_nodes / "comfy_test_pack" / "tiny_comfy.py")
+    (base / "models" / "mod_adapter").mkdir(parents=True)
+    tiny_comfy.tiny_adapter_checkpoint(str(base / "models" / "mod_adapter" / ADAPTER))
+    (base / "input").mkdir()
+    for seed, name in enumerate(["concept.png", "dog.png", "pose.png", "lighting.png"]):
+        _concept_png(base / "input" / name, seed)
+    (base / "tmp").mkdir()
+
+    port = _free_port()
+    log = base / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TMPDIR"] = str(base / "tmp")  # tiny_comfy writes its configs to a temporary folder
+    command = [sys.executable, str(comfy_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--disable-auto-launch",
+               "--disable-api-nodes",  # no network nodes: faster start
+               "--cache-none",  # every prompt recomputes every node: equal images are not cache hits
+               "--database-url", "sqlite:///:memory:"]  # nothing written into the ComfyUI checkout
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=comfy_path, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    instance = ComfyServer(base, port, process, log)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode} while starting:\n{instance.log_tail()}")
+            try:
+                status, info = instance.request("/object_info", timeout=10)
+                if status == 200 and info:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not answer /object_info in {SERVER_START_TIMEOUT} s:\n{instance.log_tail()}")
+            time.sleep(0.5)
+        instance.object_info = info
+        yield instance
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def read_png(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def tiny_workflow(name, *, seed=7, steps=2, size=64, prefix="test", image="concept.png") -> dict:
+    """An example workflow with tiny models, a small image, few steps and a fixed seed."""
+    workflow = copy.deepcopy(load_workflow(WORKFLOWS_DIR / name))
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in TINY_LOADERS:
+            node["type"], node["widgets_values"] = TINY_LOADERS[kind], []
+        elif kind == "LoadImage":
+            node["widgets_values"][0] = image if image else node["widgets_values"][0]
+        elif kind == "ModAdapterLoader":
+            node["widgets_values"] = [ADAPTER]
+        elif kind == "EmptySD3LatentImage":
+            node["widgets_values"] = [size, size, 1]
+        elif kind == "KSampler":
+            node["widgets_values"][:3] = [seed, "fixed", steps]
+        elif kind == "SaveImage":
+            node["widgets_values"] = [prefix]
+    return workflow
+
+
+def node_of(workflow, kind) -> dict:
+    (node,) = [n for n in workflow["nodes"] if n["type"] == kind]
+    return node
+
+
+def plain_flux_prompt(text, *, seed=7, steps=2, size=64, prefix="plain") -> dict:
+    """A plain FLUX text-to-image graph, written out by hand: no Mod-Adapter node at all."""
+    return {
+        "model": {"class_type": "TinyFluxModelLoader", "inputs": {}},
+        "clip": {"class_type": "TinyFluxClipLoader", "inputs": {}},
+        "vae": {"class_type": "TinyVAELoader", "inputs": {}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["clip", 0]}},
+        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["text", 0], "guidance": 3.5}},
+        "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": ["model", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["guidance", 0], "negative": ["negative", 0],
+            "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_image(server, prompt, entry) -> np.ndarray:
+    (save_id,) = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    (path,) = server.image_files(entry, save_id)
+    assert path.is_file(), path
+    return read_png(path)
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+def test_object_info_lists_the_pack_beside_comfyui_core_nodes(server):
+    info = server.object_info
+    assert {"KSampler", "CLIPTextEncode", "UNETLoader", "CLIPVisionLoader"} <= set(info)
+    assert set(TINY_LOADERS.values()) <= set(info)
+    assert PACK_NODE_IDS <= set(info), sorted(PACK_NODE_IDS - set(info))
+    from_pack = {name for name, node in info.items() if node.get("python_module") == f"custom_nodes.{PACK_FOLDER}"}
+    assert PACK_NODE_IDS <= from_pack  # loaded from the oddly named folder
+    for node_id in from_pack:
+        node = info[node_id]
+        assert node_id.startswith("ModAdapter"), node_id
+        assert node["category"] == "mod_adapter" or node["category"].startswith("mod_adapter/"), node_id
+        assert node["display_name"].startswith("Mod-Adapter") and node["description"], node_id
+
+    loader = info["ModAdapterLoader"]
+    assert loader["input"]["required"]["adapter_name"][1]["options"] == [ADAPTER]  # models/mod_adapter is listed
+    assert loader["output"] == ["MOD_ADAPTER"]
+    encoder = info["ModAdapterConceptEncoder"]
+    required = encoder["input"]["required"]
+    assert [required[k][0] for k in ("image", "word", "clip_vision", "clip", "crop")] == [
+        "IMAGE", "STRING", "CLIP_VISION", "CLIP", "COMBO"]
+    assert required["crop"][1]["options"] == ["center", "none"]
+    assert encoder["input"]["optional"]["mask"][0] == "MASK"
+    assert encoder["output"] == ["CONCEPT_EMBEDS", "IMAGE"] and encoder["output_name"][1] == "encoder_view"
+    predictor = info["ModAdapterPredictor"]
+    assert predictor["input_order"] == {"required": ["mod_adapter", "model", "concept_embeds", "strength"],
+                                        "optional": ["concepts"]}
+    assert predictor["input"]["optional"]["concepts"][0] == "CONCEPTS" and predictor["output"] == ["CONCEPTS"]
+    for apply_id in ("ModAdapterModulationApply", "ModAdapterModulationApplyAdvanced"):
+        apply = info[apply_id]
+        assert apply["output"] == ["MODEL", "CONDITIONING"]
+        assert apply["input"]["required"]["text"][1]["multiline"] is True
+        assert apply["input"]["optional"]["conditioning"][0] == "CONDITIONING"
+    advanced = info["ModAdapterModulationApplyAdvanced"]["input"]["required"]
+    assert advanced["start_percent"][1]["min"] == 0.0 and advanced["end_percent"][1]["max"] == 1.0
+    assert advanced["occurrence"][0] == "INT"
+    assert info["ModAdapterSaveConcept"]["output_node"] is True
+    assert info["ModAdapterLoadConcept"]["input"]["required"]["concept_name"][0] == "COMBO"
+
+
+def test_single_concept_workflow_runs_end_to_end(server):
+    workflow = tiny_workflow("single_concept.json", prefix="single/concept")
+    prompt = ui_to_api(workflow, server.object_info)
+    assert {n["class_type"] for n in prompt.values()} >= {"ModAdapterLoader", "ModAdapterConceptEncoder",
+                                                          "ModAdapterPredictor", "ModAdapterModulationApply"}
+    started = time.monotonic()
+    entry = server.run(prompt)
+    image = saved_image(server, prompt, entry)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    (preview_id,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
+    (preview,) = server.image_files(entry, preview_id)
+    assert read_png(preview).shape == (224, 224, 3)  # what the tiny CLIP vision model saw
+    print(f"single_concept.json ran in {time.monotonic() - started:.1f} s")
+
+
+def test_bypassing_modulation_apply_gives_exactly_the_plain_flux_image(server):
+    text = node_of(load_workflow(WORKFLOWS_DIR / "single_concept.json"), "ModAdapterModulationApply")[
+        "widgets_values"][0]
+
+    with_apply = tiny_workflow("single_concept.json", prefix="bypass/with_apply")
+    node_of(with_apply, "ModAdapterPredictor")["widgets_values"] = [3.0]  # a random tiny model reacts weakly
+    prompt_a = ui_to_api(with_apply, server.object_info)
+
+    bypassed = tiny_workflow("single_concept.json", prefix="bypass/bypassed")
+    apply = node_of(bypassed, "ModAdapterModulationApply")
+    apply["mode"] = 4  # Ctrl+B in the frontend
+    prompt_b = ui_to_api(bypassed, server.object_info)
+    ids = {n["type"]: str(n["id"]) for n in bypassed["nodes"]}
+    assert ids["ModAdapterModulationApply"] not in prompt_b
+    assert prompt_b[ids["KSampler"]]["inputs"]["model"] == [ids["TinyFluxModelLoader"], 0]
+    assert prompt_b[ids["FluxGuidance"]]["inputs"]["conditioning"] == [ids["CLIPTextEncode"], 0]
+
+    prompt_c = plain_flux_prompt(text, prefix="bypass/plain")
+
+    # plain first, bypassed last: a patch that leaked from (a) into the shared model would show in (b)
+    c, a, b = (saved_image(server, p, server.run(p)) for p in (prompt_c, prompt_a, prompt_b))
+    assert np.array_equal(b, c), f"bypassed Apply differs from plain FLUX by up to {np.abs(b.astype(int) - c).max()}"
+    changed = int((a != c).sum())
+    assert changed > 10, f"Modulation Apply changed only {changed} pixel values"
+    print(f"Modulation Apply changed {changed} of {a.size} pixel values "
+          f"(mean |diff| {np.abs(a.astype(int) - c).mean():.4f})")
+
+
+def test_multi_concept_workflow_saves_the_files_that_saved_concepts_workflow_loads(server):
+    multi = tiny_workflow("multi_concept.json", prefix="multi/concepts", image=None)
+    assert sorted(n["widgets_values"][0] for n in multi["nodes"] if n["type"] == "LoadImage") == [
+        "dog.png", "lighting.png", "pose.png"]
+    server.run(ui_to_api(multi, server.object_info))
+    concepts = server.base / "models" / "mod_concepts"
+    assert sorted(os.listdir(concepts)) == ["my_concepts_dog_00001.safetensors",
+                                            "my_concepts_lighting_00001.safetensors",
+                                            "my_concepts_pose_00001.safetensors"]
+
+    status, info = server.request("/object_info/ModAdapterLoadConcept")
+    assert status == 200
+    options = info["ModAdapterLoadConcept"]["input"]["required"]["concept_name"][1]["options"]
+    saved = tiny_workflow("saved_concepts.json", prefix="saved/concepts")
+    names = [n["widgets_values"][0] for n in saved["nodes"] if n["type"] == "ModAdapterLoadConcept"]
+    assert set(names) <= set(options), (names, options)
+    prompt = ui_to_api(saved, server.object_info)
+    image = saved_image(server, prompt, server.run(prompt))
+    text = node_of(saved, "ModAdapterModulationApplyAdvanced")["widgets_values"][0]
+    plain = plain_flux_prompt(text, prefix="saved/plain")
+    assert not np.array_equal(image, saved_image(server, plain, server.run(plain)))
