@@ -304,8 +304,7 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
     check_concepts_fit(layout, token_concepts)
 
     patched = model_patcher.clone()
-    keys = _module_keys(layout)
-    first = patched.get_model_object(keys[0])
+    first = patched.get_model_object(_module_keys(layout)[0])
     previous = first.patch if isinstance(first, PerTokenModulation) else None
     if previous is not None:
         if previous.prompt_fingerprint is not None and prompt_fingerprint is not None and not (
@@ -317,18 +316,21 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
                 "prompt in one node (chain them into one CONCEPTS input) instead of stacking apply nodes."
             )
         token_concepts = list(previous.concepts) + token_concepts
-        patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
-    patch = FluxTokenModulationPatch(token_concepts, prompt_fingerprint)
+    install_patch(patched, layout, FluxTokenModulationPatch(token_concepts, prompt_fingerprint))
+    return patched
 
-    for block_index, key in enumerate(keys):
+
+def install_patch(patched, layout: FluxLayout, patch: FluxTokenModulationPatch) -> None:
+    """Put `patch` on every text modulation module of the clone `patched` (replacing ours if there)."""
+    for block_index, key in enumerate(_module_keys(layout)):
         original = patched.get_model_object(key)
         if isinstance(original, PerTokenModulation):
             original = original.original
         patched.add_object_patch(
             key, PerTokenModulation(original, patch, block_index, single_stream=block_index >= layout.num_double_blocks)
         )
+    patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
     patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, patch)
-    return patched
 
 
 def prompt_fingerprint(conditioning_tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""ComfyUI host of concept learning: a :class:`~.learn_concept.Denoiser` over a ComfyUI FLUX.1 MODEL.
+
+The learning loop hands new Δ tensors (with gradients) to every `velocity`
+call. Re-patching a model per step would clone it 1400 times, so this host
+patches one clone once with a :class:`LiveTokenModulationPatch` whose concepts
+are swapped before each forward; the modulation engine reads them when it
+plans the forward, and gradients flow back to Δ through the block's own
+modulation layers.
+
+Gradient checkpointing uses ComfyUI's dit block-replacement slots on our
+private clone (blocks another pack already replaces are left alone). The
+recompute during backward runs inside a copy of the forward's context, so the
+engine sees the same forward state it saw the first time.
+
+Like the sampling host, this file duck-types ComfyUI's ModelPatcher and never
+imports ComfyUI; loading the model on its device is the caller's job
+(`comfy.model_management.load_models_gpu`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.utils.checkpoint
+
+from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, inspect_flux1, install_patch
+from .errors import ModAdapterError
+from .token_modulation import TokenConcept
+
+
+class LiveTokenModulationPatch(FluxTokenModulationPatch):
+    """A token-modulation patch whose concepts are replaced between forwards (learning only)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def set_concepts(self, concepts: Sequence[TokenConcept]) -> None:
+        self.concepts = tuple(concepts)
+
+
+def _fresh_copy(weight):
+    """A weight wrapper that changes nothing: its presence makes ComfyUI's cast ops copy the weight for
+    each forward, and a copy made outside inference mode can take part in autograd."""
+    return weight
+
+
+def make_weights_autograd_safe(patched) -> None:
+    """ComfyUI loads models inside torch.inference_mode(), and such tensors cannot be saved for backward.
+
+    On the clone only: layers built from comfy.ops get a no-op weight wrapper (ComfyUI's LoRA trainer
+    relies on the same copy), other inference parameters (RMSNorm scales) are object-patched with copies.
+    """
+    diffusion_model = patched.get_model_object("diffusion_model")
+    for module_name, module in diffusion_model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"diffusion_model.{module_name}.{param_name}" if module_name else f"diffusion_model.{param_name}"
+            # The original, not what another loaded clone may have patched in right now.
+            original = patched.get_model_object(key)
+            if not original.is_inference():
+                continue
+            if hasattr(module, "weight_function") and param_name in ("weight", "bias"):
+                patched.add_weight_wrapper(key, _fresh_copy)
+            else:
+                patched.add_object_patch(key, torch.nn.Parameter(original.detach().clone(), requires_grad=False))
+
+
+class CheckpointedBlock:
+    """A dit block replacement that runs its block under activation checkpointing.
+
+    It calls the block module itself rather than `extra["original_block"]`: ComfyUI's
+    `block_wrap` closes over the loop variable, so a recompute deferred to the backward pass
+    would run whichever block the loop ended on.
+    """
+
+    def __init__(self, block: torch.nn.Module, double: bool):
+        self.block = block
+        self.double = double
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: never copy the block
+        return self
+
+    def _run(self, args):
+        if self.double:
+            img, txt = self.block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
+                                  attn_mask=args.get("attn_mask"), transformer_options=args.get("transformer_options"))
+            return {"img": img, "txt": txt}
+        return {"img": self.block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                                  transformer_options=args.get("transformer_options"))}
+
+    def __call__(self, args, extra):
+        if not torch.is_grad_enabled():
+            return self._run(args)
+        context = contextvars.copy_context()  # the engine's per-forward state, for the recompute in backward
+        return torch.utils.checkpoint.checkpoint(lambda a: context.run(self._run, a), args, use_reentrant=False)
+
+
+class ComfyFluxDenoiser:
+    """Predicts FLUX's velocity for a fixed caption, with concepts applied through the engine.
+
+    context: (1, L, C) T5 conditioning of the caption; pooled: (1, 768) CLIP-L
+    pooled embedding; guidance: FLUX-dev's distilled guidance (ignored by
+    models without a guidance embedding).
+    """
+
+    def __init__(self, model_patcher, context: torch.Tensor, pooled: torch.Tensor, guidance: Optional[float] = 3.5,
+                 *, gradient_checkpointing: bool = True):
+        layout = inspect_flux1(model_patcher)
+        self.num_blocks = layout.num_blocks
+        self.modulation_dim = layout.hidden_size
+        self.patch = LiveTokenModulationPatch()
+        self.model_patcher = model_patcher.clone()
+        install_patch(self.model_patcher, layout, self.patch)
+        make_weights_autograd_safe(self.model_patcher)
+        if gradient_checkpointing:
+            taken = self.model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+            diffusion_model = self.model_patcher.get_model_object("diffusion_model")
+            for kind, blocks in (("double_block", diffusion_model.double_blocks),
+                                 ("single_block", diffusion_model.single_blocks)):
+                for i, block in enumerate(blocks):
+                    if (kind, i) not in taken:
+                        self.model_patcher.set_model_patch_replace(CheckpointedBlock(block, kind == "double_block"),
+                                                                   "dit", kind, i)
+        self.context = context
+        self.pooled = pooled
+        self.guidance = guidance
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model_patcher.load_device)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        base = self.model_patcher.model
+        return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+
+    def model_parameters(self) -> Iterable[torch.Tensor]:
+        # Inference tensors can never receive gradients (nor be frozen or unfrozen).
+        return [p for p in self.model_patcher.model.diffusion_model.parameters() if not p.is_inference()]
+
+    def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
+                 token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+        if len(deltas) != len(token_positions):
+            raise ModAdapterError(f"{len(deltas)} Δ tables for {len(token_positions)} concept words")
+        self.patch.set_concepts([TokenConcept(delta=d, positions=list(p), name=f"concept {i}")
+                                 for i, (d, p) in enumerate(zip(deltas, token_positions))])
+        diffusion_model = self.model_patcher.model.diffusion_model
+        dtype, device = self.compute_dtype, self.device
+        batch = noisy_latents.shape[0]
+        options = dict(self.model_patcher.model_options.get("transformer_options", {}))
+        options["wrappers"] = {DIFFUSION_MODEL_WRAPPER: {k: list(v) for k, v in
+                                                         self.model_patcher.wrappers.get(DIFFUSION_MODEL_WRAPPER, {}).items()}}
+        options["cond_or_uncond"] = [0]
+        options["sigmas"] = sigma.to(device)
+        extra = {}
+        if getattr(diffusion_model.params, "guidance_embed", False) and self.guidance is not None:
+            extra["guidance"] = torch.full((batch,), float(self.guidance), device=device, dtype=dtype)
+        # ModelSamplingFlux: the transformer's timestep is σ itself and its input is not rescaled.
+        out = diffusion_model(
+            noisy_latents.to(device, dtype),
+            sigma.to(device, dtype),
+            context=self.context.to(device, dtype).expand(batch, -1, -1),
+            y=self.pooled.to(device, dtype).expand(batch, -1),
+            transformer_options=options,
+            **extra,
+        )
+        return out.float()

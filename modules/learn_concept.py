@@ -1,0 +1,441 @@
+"""Learn a concept's Δ directions by tuning (TokenVerse mode), independent of the host.
+
+TokenVerse (arXiv 2501.12224; DESIGN.md §1) optimises, for one concept image
+and its caption, the modulation directions of the caption's concept words with
+the ordinary FLUX flow-matching denoising loss:
+
+* stage 1 (``stage1_steps``, paper: 800): one *global* direction per concept
+  word, the same for every block; 92% of the timesteps come from
+  t ∈ [0.8, 1.0] (the paper's [800, 1000] of 1000), the rest from [0, 1];
+* stage 2 (the remaining steps, paper: 600): per-block offsets are added to
+  the global direction (zero-initialised, both keep training); 92% of the
+  timesteps come from t ∈ [0, 0.8].
+
+Several words of one caption are learned at once (TokenVerse's decomposition:
+"a *dog* on a *beach*" gives one Δ for "dog" and one for "beach"). The
+paper's additional concept-isolation loss (half of the steps, with a second
+image) is not implemented: it needs a set of other concepts to contrast with.
+
+The model is reached through a small :class:`Denoiser` protocol, so the same
+loop drives diffusers' FluxTransformer2DModel (:mod:`.learn_diffusers`) and
+ComfyUI's FLUX (the Learn Concept node). Only Δ receives gradients; the
+model's parameters are frozen for the duration of the run.
+
+Flow-matching convention (diffusers' ``examples/dreambooth/train_dreambooth_flux.py``,
+which matches ComfyUI's ``model_sampling.CONST.noise_scaling``): with clean
+latents x0, noise ε and σ ∈ [0, 1],
+
+    x_σ = (1 − σ)·x0 + σ·ε,   target velocity v = ε − x0,   loss = mse(model(x_σ, σ), v)
+
+and the transformer receives σ itself as its timestep (diffusers' FluxPipeline
+passes ``timestep / 1000`` where its scheduler's timesteps are σ·1000).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ModAdapterError
+
+logger = logging.getLogger(__name__)
+
+# Held-out evaluation draws its noise from a generator seeded with
+# seed + EVAL_SEED_OFFSET, so for every training seed below 2**32 the
+# evaluation noise is a different stream from the training noise.
+EVAL_SEED_OFFSET = 2**32
+
+
+class LearningDivergedError(ModAdapterError):
+    """The loss or the gradient became NaN or infinite; nothing was learned or saved."""
+
+
+@dataclass
+class LearnConfig:
+    """Settings of one TokenVerse-style learning run.
+
+    Paper numbers (TokenVerse, DESIGN.md §1): steps 1400 = 800 + 600, the
+    stage timestep ranges and their 0.92 probability. Our choices (the
+    paper gives none we can cite): Adam with lr 1e-3 for the global direction
+    and the per-block offsets, gradient-norm clipping at 1.0, horizontal flips
+    with probability 0.5, batch size 1, σ never below ``min_sigma``.
+    """
+
+    steps: int = 1400
+    stage1_steps: int = 800
+    lr: float = 1e-3  # Adam, global directions
+    offset_lr: Optional[float] = None  # Adam, per-block offsets (stage 2); None = lr
+    stage1_sigma_range: Tuple[float, float] = (0.8, 1.0)
+    stage2_sigma_range: Tuple[float, float] = (0.0, 0.8)
+    # Probability of drawing σ from the stage's range; otherwise uniform over [0, 1].
+    range_probability: float = 0.92
+    # A σ of exactly 0 teaches nothing and makes v = (x − x0_pred)/σ (how a host
+    # that predicts x0, such as ComfyUI's apply_model, gives v) undefined.
+    min_sigma: float = 1e-3
+    flip_probability: float = 0.5
+    batch_size: int = 1
+    max_grad_norm: Optional[float] = 1.0  # None disables clipping
+    seed: int = 0
+    log_every: int = 100  # steps between log lines (module logger, INFO); 0 = never
+
+    def validate(self) -> None:
+        def fail(message: str) -> ModAdapterError:
+            return ModAdapterError(f"Invalid learning setting: {message}")
+
+        for name in ("steps", "stage1_steps", "batch_size", "seed", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise fail(f"{name} must be an integer, got {value!r}")
+        if self.steps < 1:
+            raise fail(f"steps must be at least 1, got {self.steps}")
+        if self.stage1_steps < 0:
+            raise fail(f"stage1_steps must be 0 or more, got {self.stage1_steps}")
+        if self.batch_size < 1:
+            raise fail(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.log_every < 0:
+            raise fail(f"log_every must be 0 or more, got {self.log_every}")
+        for name in ("lr", "offset_lr"):
+            value = getattr(self, name)
+            if value is None and name == "offset_lr":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+                raise fail(f"{name} must be a positive number, got {value!r}")
+        for name in ("stage1_sigma_range", "stage2_sigma_range"):
+            low, high = getattr(self, name)
+            if not (0.0 <= low < high <= 1.0):
+                raise fail(f"{name} must be (low, high) with 0 <= low < high <= 1, got {(low, high)!r}")
+        for name in ("range_probability", "flip_probability"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise fail(f"{name} must be between 0 and 1, got {value!r}")
+        if not 0.0 <= self.min_sigma < 1.0:
+            raise fail(f"min_sigma must be in [0, 1), got {self.min_sigma!r}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise fail(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
+
+    @property
+    def stage2_steps(self) -> int:
+        return max(0, self.steps - self.stage1_steps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What the learning loop needs from a FLUX.1 host.
+
+    ``velocity(noisy_latents, sigma, deltas, token_positions)``:
+        noisy_latents: (B, C, H, W) float32 latents in the model's normalised
+            latent space (what the transformer denoises, after the VAE's
+            shift/scale), on ``device``;
+        sigma: (B,) float32 noise levels in [0, 1] (the transformer's timestep);
+        deltas: one (num_blocks, modulation_dim) float32 tensor per concept,
+            which may require grad: gradients must flow back to it;
+        token_positions: per concept, its token indices in the caption's text
+            sequence as the host encoded it.
+        Returns the predicted velocity ε − x0, (B, C, H, W), any float dtype.
+        The caption's text conditioning is fixed when the denoiser is built.
+    ``model_parameters()``: every parameter of the model, so that the loop can
+        freeze them and check that none receives a gradient.
+    """
+
+    num_blocks: int
+    modulation_dim: int
+    device: torch.device
+
+    def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
+                 token_positions: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+    def model_parameters(self) -> Iterable[torch.Tensor]: ...
+
+
+@dataclass
+class LearnResult:
+    """deltas: one (num_blocks, modulation_dim) float32 CPU tensor per word, in
+    the order given. losses: the training loss of every step run. stopped:
+    True when ``should_stop`` ended the run early (deltas are then the values
+    after ``steps_done`` steps; the caller decides whether to keep them)."""
+
+    deltas: List[torch.Tensor]
+    losses: List[float] = field(default_factory=list)
+    stopped: bool = False
+    steps_done: int = 0
+    words: List[str] = field(default_factory=list)
+
+
+def sample_sigmas(generator: torch.Generator, batch_size: int, sigma_range: Tuple[float, float],
+                  range_probability: float, min_sigma: float = 0.0) -> torch.Tensor:
+    """σ per sample: from ``sigma_range`` with ``range_probability``, else uniform on [0, 1].
+
+    Always draws the same amount of random numbers, so the stream (and hence
+    every later noise draw) does not depend on which branch was taken.
+    """
+    pick_range = torch.rand(batch_size, generator=generator) < range_probability
+    unit = torch.rand(batch_size, generator=generator)
+    low, high = sigma_range
+    sigma = torch.where(pick_range, low + (high - low) * unit, unit)
+    return sigma.clamp_min(min_sigma)
+
+
+def flow_matching_pair(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_σ, target v) for clean latents x0, noise ε and per-sample σ (see the module docstring)."""
+    s = sigma.view(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
+    return (1.0 - s) * clean + s * noise, noise - clean
+
+
+def _check_latents(latents: torch.Tensor, name: str = "latents") -> None:
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] < 1:
+        raise ModAdapterError(
+            f"{name} must be a (images, channels, height, width) tensor of VAE-encoded images, "
+            f"got {getattr(latents, 'shape', type(latents).__name__)}"
+        )
+    if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+        raise ModAdapterError(f"{name} must hold finite floating-point values; re-encode the images")
+
+
+def _check_positions(positions: Sequence[Sequence[int]], words: Sequence[str]) -> List[List[int]]:
+    checked = []
+    for word, pos in zip(words, positions):
+        pos = [int(p) for p in pos]
+        if not pos:
+            raise ModAdapterError(f"Concept word {word!r} has no token positions: it was not found in the caption")
+        if min(pos) < 0:
+            raise ModAdapterError(f"Concept word {word!r} has negative token positions {pos}")
+        checked.append(pos)
+    return checked
+
+
+def _check_deltas(deltas: Sequence[torch.Tensor], num_blocks: int, width: int, what: str, words: Sequence[str]) -> None:
+    for word, delta in zip(words, deltas):
+        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (num_blocks, width):
+            raise ModAdapterError(
+                f"{what} for {word!r} must be a ({num_blocks}, {width}) tensor for this model, "
+                f"got {getattr(delta, 'shape', type(delta).__name__)}. A concept made for another base model "
+                f"cannot be used here."
+            )
+        if not bool(torch.isfinite(delta).all()):
+            raise ModAdapterError(f"{what} for {word!r} contains NaN or infinite values")
+
+
+class _FrozenModel:
+    """Freezes the model's parameters for the run and puts requires_grad back afterwards."""
+
+    def __init__(self, parameters: Iterable[torch.Tensor]):
+        self.parameters = list(parameters)
+
+    def __enter__(self) -> "_FrozenModel":
+        self.saved = [p.requires_grad for p in self.parameters]
+        for p in self.parameters:
+            p.requires_grad_(False)
+        return self
+
+    def check_no_gradients(self) -> None:
+        touched = sum(1 for p in self.parameters if p.grad is not None)
+        if touched:
+            raise RuntimeError(
+                f"{touched} model parameter(s) received a gradient while learning a concept; only Δ may be trained. "
+                f"This is a bug in the denoiser host."
+            )
+
+    def __exit__(self, *exc) -> None:
+        for p, flag in zip(self.parameters, self.saved):
+            p.requires_grad_(flag)
+
+
+def learn_concepts(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    positions: Sequence[Sequence[int]],
+    config: Optional[LearnConfig] = None,
+    *,
+    words: Optional[Sequence[str]] = None,
+    flipped_latents: Optional[torch.Tensor] = None,
+    init: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> LearnResult:
+    """Learn one Δ table per concept word on the images ``latents`` (TokenVerse recipe).
+
+    latents: (N, C, H, W) clean latents of the concept images in the model's
+        normalised latent space (VAE-encoded, shift/scale applied).
+    positions: per word, its token indices in the caption the denoiser was built with.
+    words: names of the concepts (messages, :attr:`LearnResult.words`).
+    flipped_latents: the VAE encodings of the horizontally flipped images. A
+        flip augmentation uses them when given; otherwise it flips the latent
+        itself (``latents.flip(-1)``). FLUX's VAE is convolutional, so the
+        flipped latent is close to, but not exactly, the encoding of the flipped
+        image; hosts that can encode cheaply should pass the real one.
+    init: per word, a Δ to start from (e.g. the adapter's prediction) or None
+        for zero. It is split into its mean over blocks (the stage-1 global
+        direction) and the per-block remainder (the stage-2 offsets, frozen
+        during stage 1), so the run starts exactly at ``init``.
+    progress: called after every step with (step, total_steps, loss).
+    should_stop: polled before every step; True ends the run with ``stopped=True``.
+
+    Raises :class:`LearningDivergedError` when the loss or the gradient is NaN
+    or infinite (lower the learning rate), :class:`ModAdapterError` for
+    inconsistent inputs. Never writes files.
+    """
+    config = config or LearnConfig()
+    config.validate()
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, num_blocks, modulation_dim, "
+                        f"device), got {type(denoiser).__name__}")
+    if words is None:
+        words = [f"concept {k + 1}" for k in range(len(positions))]
+    words = list(words)
+    if len(positions) == 0:
+        raise ModAdapterError("Give at least one concept word to learn")
+    if len(words) != len(positions):
+        raise ModAdapterError(f"{len(words)} words but {len(positions)} position lists were given")
+    positions = _check_positions(positions, words)
+    _check_latents(latents)
+    if flipped_latents is not None:
+        _check_latents(flipped_latents, "flipped_latents")
+        if flipped_latents.shape != latents.shape:
+            raise ModAdapterError(f"flipped_latents has shape {tuple(flipped_latents.shape)}, latents "
+                                  f"{tuple(latents.shape)}: give one flipped encoding per image")
+    num_blocks, width, device = int(denoiser.num_blocks), int(denoiser.modulation_dim), torch.device(denoiser.device)
+    num_concepts = len(words)
+    if init is not None:
+        if len(init) != num_concepts:
+            raise ModAdapterError(f"init has {len(init)} entries for {num_concepts} concept words")
+        given = [(w, d) for w, d in zip(words, init) if d is not None]
+        _check_deltas([d for _, d in given], num_blocks, width, "The starting Δ", [w for w, _ in given])
+
+    start = torch.zeros(num_concepts, num_blocks, width)
+    if init is not None:
+        for k, delta in enumerate(init):
+            if delta is not None:
+                start[k] = delta.detach().float().cpu()
+    start_global = start.mean(dim=1)  # (K, D)
+    global_directions = torch.nn.Parameter(start_global.to(device))
+    block_offsets = torch.nn.Parameter((start - start_global[:, None]).to(device), requires_grad=False)
+    optimizer = torch.optim.Adam([global_directions], lr=config.lr)
+
+    # Copies: a host may hand over inference-mode tensors (ComfyUI), which autograd must not see.
+    clean = latents.detach().to(device=device, dtype=torch.float32).clone()
+    flipped = None if flipped_latents is None else flipped_latents.detach().to(device=device, dtype=torch.float32).clone()
+    num_images = clean.shape[0]
+    generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
+
+    result = LearnResult(deltas=[], words=words)
+    with _FrozenModel(denoiser.model_parameters()) as frozen:
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                break
+            in_stage1 = step < config.stage1_steps
+            if not in_stage1 and not block_offsets.requires_grad:
+                block_offsets.requires_grad_(True)
+                optimizer.add_param_group({"params": [block_offsets],
+                                           "lr": config.offset_lr if config.offset_lr is not None else config.lr})
+
+            batch = config.batch_size
+            image_index = torch.randint(num_images, (batch,), generator=generator)
+            sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
+                                  config.range_probability, config.min_sigma)
+            flip = (torch.rand(batch, generator=generator) < config.flip_probability).tolist()
+            noise = torch.randn((batch, *clean.shape[1:]), generator=generator).to(device)
+
+            x0 = clean[image_index.to(device)]
+            for b, (i, do_flip) in enumerate(zip(image_index.tolist(), flip)):
+                if do_flip:
+                    x0[b] = flipped[i] if flipped is not None else clean[i].flip(-1)
+            noisy, target = flow_matching_pair(x0, noise, sigma.to(device))
+
+            deltas = [global_directions[k][None, :] + block_offsets[k] for k in range(num_concepts)]
+            prediction = denoiser.velocity(noisy, sigma.to(device), deltas, positions)
+            loss = F.mse_loss(prediction.float(), target)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise LearningDivergedError(
+                    f"Learning diverged at step {step + 1} of {config.steps}: the loss is {loss_value}. Nothing was "
+                    f"saved. Lower the learning rate (now {config.lr:g}), keep gradient clipping on, and run the model "
+                    f"in bfloat16 or float32 (float16 overflows in FLUX)."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step == 0:
+                frozen.check_no_gradients()
+            trainable = [p for p in (global_directions, block_offsets) if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, config.max_grad_norm if config.max_grad_norm is not None else math.inf)
+            if not math.isfinite(float(grad_norm)):
+                raise LearningDivergedError(
+                    f"Learning diverged at step {step + 1} of {config.steps}: the gradient of Δ is "
+                    f"{float(grad_norm)}. Nothing was saved. Lower the learning rate (now {config.lr:g}) and run the "
+                    f"model in bfloat16 or float32."
+                )
+            optimizer.step()
+
+            result.losses.append(loss_value)
+            result.steps_done = step + 1
+            if progress is not None:
+                progress(step + 1, config.steps, loss_value)
+            if config.log_every and (step + 1) % config.log_every == 0:
+                recent = result.losses[-config.log_every:]
+                logger.info("learn concept step %d/%d (stage %d): loss %.5f (mean of last %d: %.5f)", step + 1,
+                            config.steps, 1 if in_stage1 else 2, loss_value, len(recent), sum(recent) / len(recent))
+        frozen.check_no_gradients()
+
+    with torch.no_grad():
+        final = global_directions[:, None, :] + block_offsets  # (K, num_blocks, D)
+        result.deltas = [final[k].detach().float().cpu().clone() for k in range(num_concepts)]
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    deltas: Optional[Sequence[torch.Tensor]],
+    positions: Sequence[Sequence[int]],
+    *,
+    seed: int = 0,
+    num_draws: int = 8,
+    sigma_range: Tuple[float, float] = (0.0, 1.0),
+) -> float:
+    """Mean denoising loss of ``deltas`` on held-out noise draws.
+
+    Every image is evaluated at ``num_draws`` noise levels evenly spaced over
+    ``sigma_range`` (the midpoints of ``num_draws`` equal bins, so no σ is 0),
+    each with fresh noise from a generator seeded with ``seed +
+    EVAL_SEED_OFFSET``: a stream the training loop (seeded with ``seed``) never
+    uses. The draws depend only on ``seed``, the latents' shape and
+    ``num_draws``, so two Δ tables (e.g. learned vs. zero) are compared on
+    exactly the same noise. ``deltas=None`` evaluates the model without concepts.
+    """
+    _check_latents(latents)
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+        raise ModAdapterError(f"num_draws must be a positive integer, got {num_draws!r}")
+    low, high = sigma_range
+    if not 0.0 <= low < high <= 1.0:
+        raise ModAdapterError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}")
+    words = [f"concept {k + 1}" for k in range(len(positions))]
+    if deltas is None:
+        deltas, positions = [], []
+    else:
+        if len(deltas) != len(positions):
+            raise ModAdapterError(f"{len(deltas)} Δ tables but {len(positions)} position lists were given")
+        _check_deltas(deltas, int(denoiser.num_blocks), int(denoiser.modulation_dim), "Δ", words)
+        positions = _check_positions(positions, words)
+    device = torch.device(denoiser.device)
+    clean = latents.detach().to(device=device, dtype=torch.float32).clone()
+    deltas = [d.detach().to(device=device, dtype=torch.float32) for d in deltas]
+    generator = torch.Generator().manual_seed(int(seed) + EVAL_SEED_OFFSET)
+    total = 0.0
+    for draw in range(num_draws):
+        sigma_value = low + (high - low) * (draw + 0.5) / num_draws
+        sigma = torch.full((clean.shape[0],), sigma_value, dtype=torch.float32)
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        noisy, target = flow_matching_pair(clean, noise, sigma.to(device))
+        prediction = denoiser.velocity(noisy, sigma.to(device), deltas, positions)
+        total += float(F.mse_loss(prediction.float(), target))
+    return total / num_draws

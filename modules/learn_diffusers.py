@@ -1,0 +1,516 @@
+"""Learning concepts on diffusers' FLUX.1: the denoiser and what the CLI needs around it.
+
+:class:`DiffusersDenoiser` implements :class:`.learn_concept.Denoiser` on a
+``FluxTransformer2DModel`` with :class:`.diffusers_flux_host.DiffusersFluxConcepts`.
+The rest loads FLUX the way users keep it (a diffusers folder, a repo in the
+local Hugging Face cache, or a single transformer file plus the other
+components), prepares the concept images and encodes the caption and images
+once, so that only the transformer stays in memory while learning.
+
+Packing and position ids follow diffusers' ``FluxPipeline`` (``_pack_latents``,
+``_unpack_latents``, ``_prepare_latent_image_ids``) exactly; the tests compare
+them with diffusers' own.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .diffusers_flux_host import DiffusersFluxConcepts
+from .errors import ModAdapterError
+from .token_modulation import TokenConcept
+
+# FLUX.1 [dev] embeds a guidance scale; diffusers' train_dreambooth_flux.py
+# trains with --guidance_scale 3.5 by default, which is also FluxPipeline's
+# default at inference.
+DEFAULT_TRAINING_GUIDANCE = 3.5
+
+# diffusers' FluxPipeline pads/truncates T5 to max_sequence_length (512 by
+# default); ComfyUI pads T5 to 256 and concepts are mostly used there, so we
+# learn with 256 text tokens (also cheaper: the text shares attention with the
+# image tokens).
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+DEFAULT_COMPONENTS_REPO = "black-forest-labs/FLUX.1-dev"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+
+
+# --------------------------------------------------------------------------
+# Latent packing (as FluxPipeline)
+# --------------------------------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2·W/2, 4C): FluxPipeline._pack_latents (2×2 patches, row-major)."""
+    batch, channels, height, width = latents.shape
+    if height % 2 or width % 2:
+        raise ModAdapterError(f"FLUX latents need an even height and width, got {height}×{width}")
+    packed = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for latents of ``height`` × ``width`` (FluxPipeline._unpack_latents)."""
+    batch, _, features = packed.shape
+    channels = features // 4
+    latents = packed.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids (H/2·W/2, 3) of the packed image tokens: FluxPipeline._prepare_latent_image_ids
+    for latents of ``height`` × ``width`` (channel 1 = row, channel 2 = column, channel 0 = 0)."""
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# The denoiser
+# --------------------------------------------------------------------------
+
+
+class DiffusersDenoiser:
+    """:class:`.learn_concept.Denoiser` on a diffusers ``FluxTransformer2DModel``.
+
+    prompt_embeds: (1, L, joint_attention_dim) T5 output of the caption;
+    pooled_prompt_embeds: (1, pooled_projection_dim) CLIP-L pooled output.
+    The concept modulation is installed on ``transformer`` until :meth:`close`
+    (or the end of a ``with`` block). Gradient checkpointing
+    (``transformer.enable_gradient_checkpointing()``) is supported.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                 *, guidance: float = DEFAULT_TRAINING_GUIDANCE, device=None):
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
+            raise ModAdapterError(f"prompt_embeds must be one caption's (1, tokens, dim), got {tuple(prompt_embeds.shape)}")
+        if pooled_prompt_embeds.ndim != 2 or pooled_prompt_embeds.shape[0] != 1:
+            raise ModAdapterError(
+                f"pooled_prompt_embeds must be one caption's (1, dim), got {tuple(pooled_prompt_embeds.shape)}")
+        self.transformer = transformer
+        first = next(transformer.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        self.host = DiffusersFluxConcepts(transformer)
+        self.num_blocks = self.host.num_blocks
+        self.num_double_blocks = self.host.num_double_blocks
+        self.modulation_dim = self.host.width
+        self.prompt_embeds = prompt_embeds.detach().to(self.device, self.dtype)
+        self.pooled_prompt_embeds = pooled_prompt_embeds.detach().to(self.device, self.dtype)
+        self.text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        # Schnell has no guidance embedding: passing a guidance value would be ignored at best.
+        self.guidance = float(guidance) if getattr(transformer.config, "guidance_embeds", False) else None
+
+    def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
+                 token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+        batch, _, height, width = noisy_latents.shape
+        self.host.set_concepts([
+            TokenConcept(delta=delta, positions=list(pos), name=f"concept {k + 1}")
+            for k, (delta, pos) in enumerate(zip(deltas, token_positions))
+        ])
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=pack_latents(noisy_latents.to(self.device, self.dtype)),
+            timestep=sigma.to(self.device, self.dtype),  # σ itself: FluxPipeline passes timesteps / 1000
+            guidance=guidance,
+            pooled_projections=self.pooled_prompt_embeds.expand(batch, -1),
+            encoder_hidden_states=self.prompt_embeds.expand(batch, -1, -1),
+            txt_ids=self.text_ids,
+            img_ids=latent_image_ids(height, width, self.device, self.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, height, width)
+
+    def model_parameters(self) -> Iterable[torch.Tensor]:
+        return self.transformer.parameters()
+
+    def close(self) -> None:
+        self.host.remove()
+
+    def __enter__(self) -> "DiffusersDenoiser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Concept images
+# --------------------------------------------------------------------------
+
+
+def fit_image(image, resolution: int):
+    """Resize the short side to ``resolution`` and centre-crop to a square.
+
+    Returns (image, note): note says what changed, None when the image was
+    already ``resolution`` × ``resolution``.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    if (width, height) == (resolution, resolution):
+        return image, None
+    scale = resolution / min(width, height)
+    scaled_w, scaled_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scaled = image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
+    left, top = (scaled_w - resolution) // 2, (scaled_h - resolution) // 2
+    cropped = scaled.crop((left, top, left + resolution, top + resolution))
+    cut = []
+    if scaled_w > resolution:
+        cut.append(f"{scaled_w - resolution} px of width")
+    if scaled_h > resolution:
+        cut.append(f"{scaled_h - resolution} px of height")
+    note = (f"{width}×{height} resized to {resolution}×{resolution} (short side scaled to {resolution}"
+            + (f", centre crop cut {' and '.join(cut)}" if cut else "") + ")")
+    return cropped, note
+
+
+def load_concept_images(paths: Sequence[str], resolution: int) -> Tuple[torch.Tensor, List[str]]:
+    """Load images as (N, 3, R, R) pixels in [-1, 1] (what FLUX's VAE encodes).
+
+    Every image is made ``resolution`` × ``resolution`` by :func:`fit_image`
+    (images of different sizes and aspect ratios are accepted); the returned
+    notes say which ones changed.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16 or resolution % 16:
+        raise ModAdapterError(
+            f"The resolution must be a multiple of 16 (FLUX: 8× VAE downsampling, then 2×2 patches), got {resolution!r}; "
+            f"use e.g. 512."
+        )
+    if not paths:
+        raise ModAdapterError("Give at least one concept image")
+    pixels, notes = [], []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ModAdapterError(f"Concept image '{path}' does not exist")
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ModAdapterError(f"Cannot read concept image '{path}' ({exc}); give a PNG, JPEG or WebP image") from None
+        image, note = fit_image(image, resolution)
+        if note:
+            notes.append(f"{os.path.basename(path)}: {note}")
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+        pixels.append(data.permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(pixels), notes
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, device) -> torch.Tensor:
+    """VAE-encode pixels in [-1, 1] into FLUX's normalised latent space (float32).
+
+    Uses the mean of the latent distribution, not a sample, so the learning
+    target does not depend on an extra random draw; then
+    ``(z − shift_factor) · scaling_factor`` as FluxImg2ImgPipeline._encode_vae_image.
+    """
+    vae_dtype = next(vae.parameters()).dtype
+    latents = []
+    for image in pixels:  # one at a time: the VAE's activations at 512² dominate its memory
+        dist = vae.encode(image[None].to(device=device, dtype=vae_dtype)).latent_dist
+        latents.append(dist.mode().float())
+    z = torch.cat(latents)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).cpu()
+
+
+# --------------------------------------------------------------------------
+# Loading FLUX
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class FluxSource:
+    """Where the transformer and the other components (text encoders, tokenizers, VAE) come from."""
+
+    transformer_file: Optional[str]  # a single .safetensors transformer, or None
+    components: str  # diffusers folder or repo id (in the local cache)
+
+
+def resolve_flux_source(flux: str, components: Optional[str] = None) -> FluxSource:
+    """Interpret ``--flux`` (folder, single file or repo id) and ``--components``."""
+    if os.path.isdir(flux):
+        if not os.path.isfile(os.path.join(flux, "model_index.json")):
+            raise ModAdapterError(
+                f"'{flux}' is a folder but not a diffusers FLUX pipeline (no model_index.json). Give the folder of "
+                f"e.g. black-forest-labs/FLUX.1-dev as downloaded with `huggingface-cli download`, or a single "
+                f"transformer .safetensors file with --components."
+            )
+        return FluxSource(None, components or flux)
+    if os.path.isfile(flux):
+        if not flux.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise ModAdapterError(f"'{flux}' is not a .safetensors file; give a FLUX.1 transformer file, a diffusers "
+                                  f"folder or a Hugging Face repo id")
+        return FluxSource(flux, components or DEFAULT_COMPONENTS_REPO)
+    if _REPO_ID.match(flux) and not flux.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return FluxSource(None, components or flux)
+    raise ModAdapterError(f"--flux '{flux}' is neither an existing folder or file nor a Hugging Face repo id "
+                          f"(owner/name)")
+
+
+def _not_loadable(what: str, source: str, exc: Exception) -> ModAdapterError:
+    return ModAdapterError(
+        f"Cannot load {what} from '{source}' without downloading ({type(exc).__name__}: {exc}). Nothing is downloaded "
+        f"here: give a local diffusers folder, or fetch the repo into the Hugging Face cache first "
+        f"(`huggingface-cli download {source if _REPO_ID.match(source) else DEFAULT_COMPONENTS_REPO}`)."
+    )
+
+
+def load_t5_tokenizer(source: FluxSource):
+    """The caption's T5 tokenizer (FluxPipeline.tokenizer_2), loaded alone so that a concept word
+    missing from the caption is reported before the large models are loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.components, subfolder="tokenizer_2", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _not_loadable("the T5 tokenizer (tokenizer_2)", source.components, exc) from None
+
+
+def load_flux_pipeline(source: FluxSource, dtype: torch.dtype):
+    """FluxPipeline on the CPU from local files only."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    kwargs = {}
+    if source.transformer_file is not None:
+        try:
+            kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
+                source.transformer_file, config=source.components, subfolder="transformer", torch_dtype=dtype,
+                local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModAdapterError(
+                f"Cannot load the FLUX.1 transformer from '{source.transformer_file}' ({type(exc).__name__}: {exc}). "
+                f"It must be a FLUX.1 transformer checkpoint (BFL/ComfyUI or diffusers layout); its configuration is "
+                f"read from --components '{source.components}', which must be available locally."
+            ) from None
+    try:
+        return FluxPipeline.from_pretrained(source.components, torch_dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _not_loadable("the FLUX pipeline", source.components, exc) from None
+
+
+@torch.no_grad()
+def encode_caption(pipe, caption: str, device, max_sequence_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(T5 prompt_embeds (1, L, 4096), CLIP pooled (1, 768)) of the caption, as FluxPipeline encodes it.
+
+    The text encoders are moved to ``device`` for the call and back to the CPU after.
+    """
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    for encoder in encoders:
+        encoder.to(device)
+    try:
+        prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=caption, prompt_2=caption, device=torch.device(device),
+                                                      max_sequence_length=max_sequence_length)
+    finally:
+        for encoder in encoders:
+            encoder.to("cpu")
+    return prompt_embeds, pooled
+
+
+# --------------------------------------------------------------------------
+# Images + caption + words -> concept files (the `mod-adapter learn` command)
+# --------------------------------------------------------------------------
+
+
+def _file_name_for_word(word: str) -> str:
+    name = re.sub(r"[^\w-]+", "_", word.strip()).strip("_")
+    return f"{name or 'concept'}.safetensors"
+
+
+def plan_output_paths(out: str, words: Sequence[str], *, overwrite: bool = False) -> List[str]:
+    """Concept file path of each word; checked before any work starts.
+
+    ``out`` ending in .safetensors is the file of the only word; anything else
+    is a folder (created if needed) that receives ``<word>.safetensors`` per word.
+    """
+    if out.lower().endswith(".safetensors"):
+        if len(words) != 1:
+            raise ModAdapterError(
+                f"--out '{out}' is one file but {len(words)} words are learned; give a folder instead "
+                f"(each word is saved as <folder>/<word>.safetensors)"
+            )
+        if os.path.isdir(out):
+            raise ModAdapterError(f"--out '{out}' is an existing folder; give a file name or another folder")
+        paths = [out]
+    else:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ModAdapterError(f"--out '{out}' exists and is not a folder; give a folder or a .safetensors file name")
+        paths = [os.path.join(out, _file_name_for_word(w)) for w in words]
+        if len(set(paths)) != len(paths):
+            raise ModAdapterError(f"The words {list(words)} give the same file names in '{out}'; learn them separately")
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ModAdapterError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+    return paths
+
+
+@dataclass
+class LearnFilesReport:
+    paths: List[str]  # the concept files written (empty when stopped)
+    stopped: bool
+    steps_done: int
+    final_loss: Optional[float]
+    eval_loss: Optional[float]  # held-out loss with the learned Δ
+    eval_loss_without: Optional[float]  # the same draws without concepts
+
+
+def resolve_device_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved_device = torch.device(device)
+    except RuntimeError:
+        raise ModAdapterError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps or auto") from None
+    if resolved_device.type == "cuda" and not torch.cuda.is_available():
+        raise ModAdapterError(f"Device {device!r} asked for, but this torch has no CUDA GPU; use --device cpu")
+    if dtype == "auto":
+        dtype = "bf16" if resolved_device.type == "cuda" else "fp32"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ModAdapterError(f"Unknown dtype {dtype!r}; use bf16, fp16, fp32 or auto")
+    return resolved_device, dtypes[dtype]
+
+
+def learn_concept_files(
+    flux: str,
+    images: Sequence[str],
+    caption: str,
+    words: Sequence[str],
+    out: str,
+    *,
+    config=None,
+    components: Optional[str] = None,
+    resolution: int = 512,
+    device: str = "auto",
+    dtype: str = "auto",
+    gradient_checkpointing: bool = True,
+    guidance: float = DEFAULT_TRAINING_GUIDANCE,
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    eval_draws: int = 8,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    should_stop=None,
+    log=print,
+) -> LearnFilesReport:
+    """Learn one concept file per word of ``caption`` from ``images`` with FLUX.1 (diffusers).
+
+    Everything a user can get wrong (paths, words, resolution, output files)
+    is checked before the models are loaded. Files are written only after the
+    whole run succeeded: a stop request or a diverging loss writes nothing.
+    """
+    from .concept import Concept
+    from .concept_file import save_concept
+    from .learn_concept import LearnConfig, evaluate_loss, learn_concepts
+    from .token_positions import TextSequenceLayout, find_concept_positions
+
+    config = config or LearnConfig()
+    config.validate()
+    words = [w.strip() for w in words]
+    if not words or not all(words):
+        raise ModAdapterError("Give at least one concept word (--word), e.g. --word dog")
+    if not caption or not caption.strip():
+        raise ModAdapterError("Give the caption of the concept image(s) (--caption), containing every --word")
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not 16 <= max_sequence_length <= 512:
+        raise ModAdapterError(f"max_sequence_length must be between 16 and 512 T5 tokens, got {max_sequence_length!r}")
+    paths = plan_output_paths(out, words, overwrite=overwrite)
+    run_device, run_dtype = resolve_device_dtype(device, dtype)
+    source = resolve_flux_source(flux, components)
+    pixels, notes = load_concept_images(images, resolution)
+    for note in notes:
+        log(f"note: {note}")
+
+    # FluxPipeline pads and truncates T5 to max_sequence_length: the layout says so.
+    layout = TextSequenceLayout.from_hf_tokenizer(load_t5_tokenizer(source), "t5", min_length=max_sequence_length,
+                                                  max_length=max_sequence_length)
+    positions = find_concept_positions(layout, caption, words)
+    for word, pos in zip(words, positions):
+        log(f"word {word!r}: T5 tokens {pos}")
+
+    log(f"loading FLUX.1 from {source.transformer_file or source.components} ({run_dtype}, {run_device})")
+    pipe = load_flux_pipeline(source, run_dtype)
+    prompt_embeds, pooled = encode_caption(pipe, caption, run_device, max_sequence_length)
+    pipe.vae.to(run_device)
+    latents = encode_images(pipe.vae, pixels, run_device)
+    flipped_latents = encode_images(pipe.vae, pixels.flip(-1), run_device)
+    transformer = pipe.transformer
+    del pipe  # the text encoders and the VAE are not needed any more
+    gc.collect()
+    if run_device.type == "cuda":
+        torch.cuda.empty_cache()
+    transformer.to(run_device)
+    transformer.requires_grad_(False)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc="learn concept", unit="step")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    eval_loss = eval_without = None
+    try:
+        with DiffusersDenoiser(transformer, prompt_embeds, pooled, guidance=guidance, device=run_device) as denoiser:
+            result = learn_concepts(denoiser, latents, positions, config, words=words, flipped_latents=flipped_latents,
+                                    progress=progress, should_stop=should_stop)
+            if not result.stopped and eval_draws > 0:
+                eval_loss = evaluate_loss(denoiser, latents, result.deltas, positions, seed=config.seed,
+                                          num_draws=eval_draws)
+                eval_without = evaluate_loss(denoiser, latents, None, positions, seed=config.seed,
+                                             num_draws=eval_draws)
+            num_double_blocks = denoiser.num_double_blocks
+    finally:
+        if bar is not None:
+            bar.close()
+    final_loss = result.losses[-1] if result.losses else None
+    if result.stopped:
+        log(f"stopped after {result.steps_done} of {config.steps} steps; nothing was saved")
+        return LearnFilesReport([], True, result.steps_done, final_loss, None, None)
+    if eval_loss is not None:
+        change = 100.0 * (eval_loss - eval_without) / eval_without if eval_without else 0.0
+        log(f"held-out denoising loss ({eval_draws} draws): {eval_loss:.5f} with the learned concepts, "
+            f"{eval_without:.5f} without ({change:+.1f}%)")
+
+    learned_source = {
+        "kind": "learned",
+        "method": "tokenverse",
+        "steps": result.steps_done,
+        "stage1_steps": min(config.stage1_steps, result.steps_done),
+        "images": len(images),
+        "image_files": [os.path.basename(p) for p in images],
+        "caption": caption,
+        "words": words,
+        "lr": config.lr,
+        "seed": config.seed,
+        "resolution": resolution,
+        "flux": os.path.basename(os.path.normpath(flux)),
+    }
+    if eval_loss is not None:
+        learned_source["eval_loss"] = round(eval_loss, 6)
+        learned_source["eval_loss_without"] = round(eval_without, 6)
+    concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]
+    for path, concept in zip(paths, concepts):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        save_concept(path, concept, num_double_blocks=num_double_blocks)
+        log(f"saved {concept.word!r} to {path}")
+    return LearnFilesReport(paths, False, result.steps_done, final_loss, eval_loss, eval_without)

@@ -1,0 +1,145 @@
+"""Learn Concept: tune concept directions on reference images (TokenVerse mode), no adapter needed."""
+
+import comfy.model_management as mm
+import comfy.utils
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..modules.comfy_learn_host import ComfyFluxDenoiser
+from ..modules.concept import Concept
+from ..modules.concept_file import new_concept_path, save_concept
+from ..modules.concept_images import check_image_batch
+from ..modules.concept_set import ConceptList, resolve_concepts
+from ..modules.curve_plot import loss_panel, render_panels
+from ..modules.errors import ModAdapterError
+from ..modules.learn_concept import LearnConfig, learn_concepts
+from ..modules.token_positions import find_concept_positions
+from .model_folders import CONCEPT_FOLDER, default_folder
+from .modulation_apply import t5_layout
+from .sockets import CATEGORY, ConceptsSocket
+
+
+def parse_words(words: str):
+    parsed = [w.strip() for w in (words or "").replace("\n", ",").split(",") if w.strip()]
+    if not parsed:
+        raise ModAdapterError("Give at least one concept word to learn (comma-separated, e.g. 'dog, beach').")
+    return parsed
+
+
+def encode_images(vae, model, image, resolution: int):
+    """Resize + centre-crop every image to resolution², VAE-encode, and bring into the model's latent space."""
+    image = check_image_batch(image)
+    pixels = comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
+    with torch.no_grad():
+        latents = model.model.process_latent_in(vae.encode(pixels))
+        flipped = model.model.process_latent_in(vae.encode(pixels.flip(2)))
+    return latents.float().clone(), flipped.float().clone()
+
+
+def loss_curve_image(losses) -> torch.Tensor:
+    image = render_panels([loss_panel(list(range(1, len(losses) + 1)), losses)], "Learn Concept", panel_height=260)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
+                  resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
+                  init_concepts=None, save=False, filename_prefix="learned"):
+    words = parse_words(words)
+    positions = find_concept_positions(t5_layout(clip), caption, words)
+    with torch.no_grad():
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    context, extras = conditioning[0][0].clone(), conditioning[0][1]
+    denoiser = ComfyFluxDenoiser(model, context, extras["pooled_output"], guidance,
+                                 gradient_checkpointing=gradient_checkpointing)
+
+    init = None
+    if init_concepts is not None:
+        by_word = {c.word.strip().lower(): c for c in resolve_concepts(init_concepts)}
+        init = [by_word[w.lower()].delta * by_word[w.lower()].strength if w.lower() in by_word else None for w in words]
+
+    latents, flipped = encode_images(vae, model, image, resolution)
+    config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate, seed=seed,
+                         stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max))
+    mm.load_models_gpu([denoiser.model_patcher])
+    progress = comfy.utils.ProgressBar(steps)
+    result = learn_concepts(
+        denoiser, latents.to(denoiser.device), positions, config, words=words,
+        flipped_latents=flipped.to(denoiser.device), init=init,
+        progress=lambda step, total, loss: progress.update_absolute(step, total),
+        should_stop=mm.processing_interrupted,
+    )
+    if result.stopped:
+        mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt: nothing is returned or saved
+        raise ModAdapterError("Learning stopped before the last step; nothing was saved.")
+
+    source = {"kind": "learned", "method": "tokenverse", "steps": result.steps_done,
+              "images": int(image.shape[0]), "caption": caption}
+    concepts = [Concept(word=w, delta=d, strength=1.0, source=source, num_double_blocks=_double_blocks(model))
+                for w, d in zip(words, result.deltas)]
+    if save:
+        folder = default_folder(CONCEPT_FOLDER)
+        for concept in concepts:
+            save_concept(new_concept_path(folder, filename_prefix, concept.word), concept)
+    return ConceptList(tuple(concepts)), loss_curve_image(result.losses)
+
+
+def _double_blocks(model) -> int:
+    return len(model.get_model_object("diffusion_model").double_blocks)
+
+
+class ModAdapterLearnConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ModAdapterLearnConcept",
+            display_name="Mod-Adapter Learn Concept",
+            category=f"{CATEGORY}/concepts",
+            description="Learns concept directions from one or a few images by tuning (TokenVerse recipe): "
+                        "no Mod-Adapter checkpoint needed. Slow: minutes on a large GPU.",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 model (also fp8 / GGUF); it is not changed."),
+                io.Clip.Input("clip", tooltip="FLUX's text encoders (clip_l + t5xxl)."),
+                io.Vae.Input("vae", tooltip="FLUX's VAE, to encode the images."),
+                io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same concepts."),
+                io.String.Input("caption", multiline=True, default="a photo of a dog on a beach",
+                                tooltip="A caption of the image that contains every concept word."),
+                io.String.Input("words", default="dog", tooltip="Concept words to learn, comma-separated. Several "
+                                "words from one image decompose it (e.g. 'dog, beach')."),
+                io.Int.Input("steps", default=1400, min=1, max=20000, tooltip="Total optimisation steps (paper: 1400)."),
+                io.Int.Input("stage1_steps", default=800, min=0, max=20000,
+                             tooltip="Steps of stage 1: one global direction per word (paper: 800). The rest add "
+                                     "per-block offsets."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4,
+                               tooltip="Adam learning rate of the directions."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Same seed, same result."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Images are resized and centre-cropped to this square size."),
+                io.Float.Input("stage1_t_min", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stage 1 draws 92% of its timesteps from [this, 1] (paper: 0.8)."),
+                io.Float.Input("stage2_t_max", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stage 2 draws 92% of its timesteps from [0, this] (paper: 0.8)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute blocks in the backward pass: much less memory, ~30% slower."),
+                io.Boolean.Input("save", default=False, tooltip="Also save the learned concepts to models/mod_concepts."),
+                io.String.Input("filename_prefix", default="learned", tooltip="File name start when saving."),
+                ConceptsSocket.Input("init_concepts", optional=True,
+                                     tooltip="Optional starting point, e.g. a Mod-Adapter prediction of the same words: "
+                                             "a few refinement steps then suffice."),
+            ],
+            outputs=[
+                ConceptsSocket.Output(display_name="CONCEPTS"),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed, resolution,
+                stage1_t_min, stage2_t_max, gradient_checkpointing, save, filename_prefix,
+                init_concepts=None) -> io.NodeOutput:
+        with torch.inference_mode(False):  # ComfyUI executes nodes under inference mode; learning needs autograd
+            concepts, curve = learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps,
+                                            learning_rate, seed, resolution, stage1_t_min, stage2_t_max,
+                                            gradient_checkpointing=gradient_checkpointing,
+                                            init_concepts=init_concepts, save=save, filename_prefix=filename_prefix)
+        return io.NodeOutput(concepts, curve)

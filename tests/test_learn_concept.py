@@ -1,0 +1,487 @@
+"""Learn Concept (TokenVerse mode) on a tiny random FLUX.1 in diffusers, on the CPU.
+
+The tiny model's text stream reaches the image only through attention, so a
+concept direction has to make the image tokens read the concept tokens; the
+concept latent below has a strong per-channel colour (as a flat-coloured
+image has), which such a direction can express. The learning rate is far above
+the real default (1e-3) because the random model needs large directions.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mod_adapter import cli
+from mod_adapter.modules.concept import Concept
+from mod_adapter.modules.concept_file import load_concept, save_concept
+from mod_adapter.modules.errors import ModAdapterError
+from mod_adapter.modules.learn_concept import (
+    Denoiser,
+    LearnConfig,
+    LearningDivergedError,
+    evaluate_loss,
+    flow_matching_pair,
+    learn_concepts,
+    sample_sigmas,
+)
+from mod_adapter.modules.learn_diffusers import (
+    DiffusersDenoiser,
+    fit_image,
+    latent_image_ids,
+    load_concept_images,
+    pack_latents,
+    plan_output_paths,
+    unpack_latents,
+)
+
+from tiny_flux import tiny_diffusers_flux
+
+NUM_BLOCKS, WIDTH = 6, 128
+POSITIONS = [[3, 4]]
+# Enough steps and a large enough rate for the tiny random model to move clearly
+# (held-out loss about 0.72 × the loss without the concept; the test asks for < 0.9).
+FAST = LearnConfig(steps=80, stage1_steps=50, lr=2.0, seed=0, log_every=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    # Models this small run several times faster on one thread, and far faster
+    # when other processes share the cores (OpenMP threads then wait on each other).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_diffusers_flux()
+
+
+@pytest.fixture(scope="module")
+def caption_embeds():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(1, 8, 64, generator=g), torch.randn(1, 32, generator=g)
+
+
+@pytest.fixture(scope="module")
+def latents():
+    g = torch.Generator().manual_seed(6)
+    colour = torch.randn(1, 16, 1, 1, generator=g).sign() * 1.5
+    return colour + 0.3 * torch.randn(1, 16, 8, 8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def denoiser(model, caption_embeds):
+    with DiffusersDenoiser(model, *caption_embeds) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def learned(denoiser, latents):
+    return learn_concepts(denoiser, latents, POSITIONS, FAST, words=["dog"])
+
+
+def held_out(denoiser, latents, deltas):
+    return evaluate_loss(denoiser, latents, deltas, POSITIONS, seed=FAST.seed, num_draws=16)
+
+
+# ---------------------------------------------------------------- learning works
+
+
+def test_learned_delta_lowers_the_held_out_loss(denoiser, latents, learned):
+    assert isinstance(denoiser, Denoiser)
+    zero = held_out(denoiser, latents, [torch.zeros(NUM_BLOCKS, WIDTH)])
+    with_concept = held_out(denoiser, latents, learned.deltas)
+    assert with_concept < 0.9 * zero, (with_concept, zero)
+    # Zero Δ is the model without concepts.
+    assert zero == pytest.approx(held_out(denoiser, latents, None), rel=1e-5)
+    assert len(learned.losses) == FAST.steps and learned.steps_done == FAST.steps and not learned.stopped
+    assert learned.words == ["dog"]
+
+
+def test_stage_one_learns_one_global_direction_and_stage_two_per_block_offsets(denoiser, latents, learned):
+    stage1_only = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=8, stage1_steps=8, lr=0.1, log_every=0))
+    delta = stage1_only.deltas[0]
+    assert torch.equal(delta, delta[:1].expand_as(delta))  # every block the same direction
+    assert delta.abs().max() > 0.1
+    both = learned.deltas[0]
+    assert (both - both.mean(dim=0)).abs().max() > 1e-2  # per-block offsets after stage 2
+
+
+def test_evaluation_draws_differ_from_the_training_draws(latents):
+    class Recorder:
+        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+
+        def __init__(self):
+            self.seen = []
+
+        def velocity(self, noisy, sigma, deltas, positions):
+            self.seen.append(noisy.clone())
+            return noisy * 0 + sum(d.sum() for d in deltas) * 0
+
+        def model_parameters(self):
+            return []
+
+    training, evaluation = Recorder(), Recorder()
+    config = LearnConfig(steps=4, stage1_steps=2, seed=3, flip_probability=0.0, log_every=0)
+    learn_concepts(training, latents, POSITIONS, config)
+    evaluate_loss(evaluation, latents, [torch.zeros(NUM_BLOCKS, WIDTH)], POSITIONS, seed=3, num_draws=4)
+    for noisy in evaluation.seen:
+        assert all(not torch.allclose(noisy, other) for other in training.seen)
+
+
+def test_starting_from_a_given_delta_beats_starting_from_zero(denoiser, latents):
+    short = LearnConfig(steps=30, stage1_steps=20, lr=2.0, seed=1, log_every=0)
+    init = learn_concepts(denoiser, latents, POSITIONS, short).deltas  # stands in for a predicted concept
+    same_budget = LearnConfig(steps=30, stage1_steps=20, lr=2.0, seed=2, log_every=0)
+    from_init = learn_concepts(denoiser, latents, POSITIONS, same_budget, init=init).deltas
+    from_zero = learn_concepts(denoiser, latents, POSITIONS, same_budget).deltas
+    assert held_out(denoiser, latents, from_init) < held_out(denoiser, latents, from_zero)
+
+
+def test_a_run_starts_exactly_at_init(denoiser, latents):
+    init = torch.randn(NUM_BLOCKS, WIDTH, generator=torch.Generator().manual_seed(9))
+    untouched = learn_concepts(denoiser, latents, POSITIONS, FAST, init=[init], should_stop=lambda: True)
+    torch.testing.assert_close(untouched.deltas[0], init)
+    # During stage 1 only the global direction moves: the per-block shape of init is kept.
+    moved = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=3, stage1_steps=3, lr=0.1, log_every=0),
+                           init=[init]).deltas[0]
+    shift = moved - init
+    torch.testing.assert_close(shift, shift[:1].expand_as(shift))
+    assert shift.abs().max() > 1e-3
+
+
+def test_several_words_of_one_caption_learn_one_delta_each(denoiser, latents):
+    result = learn_concepts(denoiser, latents, [[1], [3, 4]], LearnConfig(steps=6, stage1_steps=3, lr=0.3, log_every=0),
+                            words=["red", "dog"])
+    assert len(result.deltas) == 2 and result.words == ["red", "dog"]
+    assert not torch.allclose(result.deltas[0], result.deltas[1])
+    assert all(d.shape == (NUM_BLOCKS, WIDTH) and d.abs().max() > 0 for d in result.deltas)
+
+
+def test_same_seed_same_result(denoiser, latents):
+    config = LearnConfig(steps=8, stage1_steps=4, lr=0.3, seed=7, log_every=0)
+    first = learn_concepts(denoiser, latents, POSITIONS, config)
+    second = learn_concepts(denoiser, latents, POSITIONS, config)
+    assert torch.equal(first.deltas[0], second.deltas[0])
+    assert first.losses == second.losses
+    other = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=8, stage1_steps=4, lr=0.3, seed=8, log_every=0))
+    assert not torch.equal(first.deltas[0], other.deltas[0])
+
+
+def test_gradient_checkpointing_gives_the_same_result(model, denoiser, latents):
+    config = LearnConfig(steps=4, stage1_steps=2, lr=0.3, seed=4, log_every=0)
+    plain = learn_concepts(denoiser, latents, POSITIONS, config).deltas[0]
+    model.enable_gradient_checkpointing()
+    try:
+        checkpointed = learn_concepts(denoiser, latents, POSITIONS, config).deltas[0]
+    finally:
+        model.disable_gradient_checkpointing()
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_concept_reloads_to_the_same_delta(tmp_path, learned):
+    path = tmp_path / "dog.safetensors"
+    source = {"kind": "learned", "method": "tokenverse", "steps": learned.steps_done, "images": 1, "caption": "a dog"}
+    save_concept(path, Concept(word="dog", delta=learned.deltas[0], source=source), num_double_blocks=2)
+    loaded = load_concept(path)
+    assert loaded.word == "dog" and loaded.source == source
+    assert torch.equal(loaded.delta, learned.deltas[0].to(torch.bfloat16).float())
+    torch.testing.assert_close(loaded.delta, learned.deltas[0], rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------- the loop's rules
+
+
+def test_model_parameters_receive_no_gradient_and_keep_their_flags(model, denoiser, latents):
+    first = next(model.parameters())
+    first.requires_grad_(True)  # as a user's model might come
+    try:
+        learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=2, stage1_steps=1, lr=0.1, log_every=0))
+        assert all(p.grad is None for p in model.parameters())
+        assert first.requires_grad  # put back after the run
+    finally:
+        first.requires_grad_(False)
+
+
+def test_a_host_that_leaks_gradients_into_the_model_is_caught(latents):
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    class LeakyDenoiser:
+        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+
+        def velocity(self, noisy, sigma, deltas, positions):
+            weight.requires_grad_(True)  # a broken host re-enables training of the model
+            return noisy * weight + deltas[0].mean()
+
+        def model_parameters(self):
+            return [weight]
+
+    with pytest.raises(RuntimeError, match="only Δ may be trained"):
+        learn_concepts(LeakyDenoiser(), latents, POSITIONS, LearnConfig(steps=2, stage1_steps=1, log_every=0))
+
+
+class _BreaksAtStep:
+    """Wraps a denoiser; from the given step on it predicts NaN."""
+
+    def __init__(self, inner, step):
+        self.inner, self.step, self.calls = inner, step, 0
+        self.num_blocks, self.modulation_dim, self.device = inner.num_blocks, inner.modulation_dim, inner.device
+
+    def velocity(self, *args):
+        self.calls += 1
+        out = self.inner.velocity(*args)
+        return out * float("nan") if self.calls >= self.step else out
+
+    def model_parameters(self):
+        return self.inner.model_parameters()
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(denoiser, latents):
+    steps_reported = []
+    with pytest.raises(LearningDivergedError, match=r"step 3 of 10.*nan.*Lower the learning rate"):
+        learn_concepts(_BreaksAtStep(denoiser, 3), latents, POSITIONS, LearnConfig(steps=10, log_every=0),
+                       progress=lambda step, total, loss: steps_reported.append(step))
+    assert steps_reported == [1, 2]
+    assert issubclass(LearningDivergedError, ModAdapterError)
+
+
+def test_should_stop_ends_the_run_early(denoiser, latents):
+    progress = []
+    result = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=50, log_every=0),
+                            progress=lambda step, total, loss: progress.append((step, total)),
+                            should_stop=lambda: len(progress) >= 3)
+    assert result.stopped and result.steps_done == 3 and len(result.losses) == 3
+    assert progress == [(1, 50), (2, 50), (3, 50)]
+    assert torch.isfinite(result.deltas[0]).all()
+
+
+def test_flow_matching_convention_matches_an_oracle(latents):
+    class Oracle:  # knows x0, so its velocity (x_σ − x0)/σ is exactly ε − x0
+        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+
+        def velocity(self, noisy, sigma, deltas, positions):
+            return (noisy - latents) / sigma.view(-1, 1, 1, 1)
+
+        def model_parameters(self):
+            return []
+
+    assert evaluate_loss(Oracle(), latents, None, POSITIONS, num_draws=4) < 1e-9
+    noise = torch.randn_like(latents)
+    noisy, target = flow_matching_pair(latents, noise, torch.tensor([0.25]))
+    torch.testing.assert_close(noisy, 0.75 * latents + 0.25 * noise)
+    torch.testing.assert_close(target, noise - latents)
+
+
+def test_timesteps_follow_the_tokenverse_stage_ranges():
+    g = torch.Generator().manual_seed(0)
+    stage1 = sample_sigmas(g, 20000, (0.8, 1.0), 0.92)
+    stage2 = sample_sigmas(g, 20000, (0.0, 0.8), 0.92)
+    # 92% from the range plus the uniform draws that land in it anyway.
+    assert float(((stage1 >= 0.8)).float().mean()) == pytest.approx(0.92 + 0.08 * 0.2, abs=0.01)
+    assert float(((stage2 < 0.8)).float().mean()) == pytest.approx(0.92 + 0.08 * 0.8, abs=0.01)
+    assert float(sample_sigmas(g, 1000, (0.0, 0.8), 1.0, min_sigma=0.05).min()) >= 0.05
+
+
+def test_flip_augmentation_uses_the_flipped_encodings(latents):
+    class NearlyClean:  # with σ ≈ 0 the noisy latent is the (possibly flipped) clean one
+        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+
+        def __init__(self):
+            self.seen = []
+
+        def velocity(self, noisy, sigma, deltas, positions):
+            self.seen.append(noisy.clone())
+            return noisy + deltas[0].mean()
+
+        def model_parameters(self):
+            return []
+
+    def run(flip_probability, flipped_latents=None):
+        recorder = NearlyClean()
+        config = LearnConfig(steps=3, stage1_steps=3, stage1_sigma_range=(0.0, 1e-7), range_probability=1.0,
+                             min_sigma=0.0, flip_probability=flip_probability, log_every=0)
+        learn_concepts(recorder, latents, POSITIONS, config, flipped_latents=flipped_latents)
+        return recorder.seen
+
+    encoded_flip = torch.randn_like(latents)
+    for seen in run(1.0, encoded_flip):
+        torch.testing.assert_close(seen, encoded_flip, atol=1e-5, rtol=0)
+    for seen in run(1.0):
+        torch.testing.assert_close(seen, latents.flip(-1), atol=1e-5, rtol=0)
+    for seen in run(0.0, encoded_flip):
+        torch.testing.assert_close(seen, latents, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change", [dict(steps=0), dict(stage1_steps=-1), dict(lr=0.0), dict(lr=float("nan")),
+                                    dict(stage1_sigma_range=(0.9, 0.8)), dict(range_probability=1.5),
+                                    dict(batch_size=0), dict(max_grad_norm=-1.0), dict(steps=1.5)])
+def test_invalid_settings_are_refused(denoiser, latents, change):
+    with pytest.raises(ModAdapterError, match="Invalid learning setting"):
+        learn_concepts(denoiser, latents, POSITIONS, LearnConfig(**change))
+
+
+def test_inconsistent_inputs_are_refused(denoiser, latents):
+    with pytest.raises(ModAdapterError, match="no token positions"):
+        learn_concepts(denoiser, latents, [[]], FAST, words=["dog"])
+    with pytest.raises(ModAdapterError, match=r"\(images, channels, height, width\)"):
+        learn_concepts(denoiser, latents[0], POSITIONS, FAST)
+    with pytest.raises(ModAdapterError, match=r"must be a \(6, 128\) tensor"):
+        learn_concepts(denoiser, latents, POSITIONS, FAST, words=["dog"], init=[torch.zeros(57, 3072)])
+
+
+# ------------------------------------------------------- diffusers plumbing
+
+
+def test_packing_and_ids_match_diffusers_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 6, 10)
+    packed = pack_latents(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 10))
+    torch.testing.assert_close(unpack_latents(packed, 6, 10), latents)
+    torch.testing.assert_close(unpack_latents(packed, 6, 10), FluxPipeline._unpack_latents(packed, 6 * 8, 10 * 8, 8))
+    torch.testing.assert_close(latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
+
+
+def test_images_of_any_size_are_resized_and_centre_cropped(tmp_path):
+    from PIL import Image
+
+    wide = Image.new("RGB", (128, 64), (255, 0, 0))
+    wide.paste(Image.new("RGB", (64, 64), (0, 0, 255)), (32, 0))  # the centre square is blue
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(tmp_path / "square.png")
+    Image.new("RGB", (40, 90), (255, 255, 255)).save(tmp_path / "tall_small.png")
+    pixels, notes = load_concept_images([str(tmp_path / n) for n in ("wide.png", "square.png", "tall_small.png")], 64)
+    assert pixels.shape == (3, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
+    torch.testing.assert_close(pixels[0], torch.tensor([-1.0, -1.0, 1.0])[:, None, None].expand(3, 64, 64))
+    assert len(notes) == 2 and notes[0].startswith("wide.png: 128×64 resized to 64×64")
+    assert "tall_small.png: 40×90" in notes[1]
+    image, note = fit_image(Image.new("RGB", (64, 64)), 64)
+    assert note is None and image.size == (64, 64)
+
+
+def test_unusable_images_and_resolutions_are_refused(tmp_path):
+    (tmp_path / "not_an_image.png").write_text("hello")
+    with pytest.raises(ModAdapterError, match="Cannot read concept image"):
+        load_concept_images([str(tmp_path / "not_an_image.png")], 64)
+    with pytest.raises(ModAdapterError, match="does not exist"):
+        load_concept_images([str(tmp_path / "missing.png")], 64)
+    with pytest.raises(ModAdapterError, match="multiple of 16"):
+        load_concept_images([str(tmp_path / "missing.png")], 500)
+
+
+def test_output_paths(tmp_path):
+    assert plan_output_paths(str(tmp_path / "a.safetensors"), ["dog"]) == [str(tmp_path / "a.safetensors")]
+    assert plan_output_paths(str(tmp_path / "out"), ["dog", "sandy beach"]) == [
+        str(tmp_path / "out" / "dog.safetensors"), str(tmp_path / "out" / "sandy_beach.safetensors")]
+    with pytest.raises(ModAdapterError, match="give a folder instead"):
+        plan_output_paths(str(tmp_path / "a.safetensors"), ["dog", "beach"])
+    (tmp_path / "b.safetensors").write_bytes(b"x")
+    with pytest.raises(ModAdapterError, match="--overwrite"):
+        plan_output_paths(str(tmp_path / "b.safetensors"), ["dog"])
+    assert plan_output_paths(str(tmp_path / "b.safetensors"), ["dog"], overwrite=True)
+
+
+# ------------------------------------------------------------ the CLI, end to end
+
+
+def _data_dir() -> Path:
+    configured = os.environ.get("MOD_ADAPTER_TEST_DATA")
+    return Path(configured) if configured else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A complete FLUX.1 diffusers folder at toy size, with FLUX's real tokenizers."""
+    data = _data_dir()
+    t5_file, clip_dir = data / "t5_tokenizer" / "tokenizer.json", data / "clip_l_tokenizer"
+    if not t5_file.is_file() or not (clip_dir / "vocab.json").is_file():
+        pytest.skip(f"real tokenizer files not found under {data} (set MOD_ADAPTER_TEST_DATA to the folder holding "
+                    f"t5_tokenizer/ and clip_l_tokenizer/)")
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=CLIPTokenizer.from_pretrained(str(clip_dir), model_max_length=77), text_encoder_2=t5,
+        tokenizer_2=T5TokenizerFast(tokenizer_file=str(t5_file)), transformer=tiny_diffusers_flux(),
+    )
+    folder = tmp_path_factory.mktemp("tiny_flux_pipeline")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def concept_images(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for name, (w, h) in (("square.png", (64, 64)), ("wide.png", (96, 64))):
+        data = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(data).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def _learn_args(pipeline, images, out, *extra):
+    return ["learn", "--flux", str(pipeline), "--image", *images, "--caption", "a red dog on a sandy beach",
+            "--word", "dog", "beach", "--out", str(out), "--resolution", "64", "--max-sequence-length", "32",
+            "--device", "cpu", "--steps", "6", "--stage1-steps", "3", "--lr", "0.3", "--eval-draws", "2",
+            "--no-progress", *extra]
+
+
+def test_cli_learns_and_saves_one_concept_file_per_word(tiny_pipeline_dir, concept_images, tmp_path, capsys):
+    out = tmp_path / "concepts"
+    assert cli.main(_learn_args(tiny_pipeline_dir, concept_images, out)) == 0
+    printed = capsys.readouterr().out
+    assert "note: wide.png: 96×64 resized to 64×64" in printed
+    assert "held-out denoising loss (2 draws)" in printed
+    for word in ("dog", "beach"):
+        concept = load_concept(out / f"{word}.safetensors")
+        assert concept.word == word and concept.delta.shape == (NUM_BLOCKS, WIDTH)
+        assert concept.delta.abs().max() > 0
+        source = concept.source
+        assert (source["kind"], source["method"], source["steps"], source["images"]) == ("learned", "tokenverse", 6, 2)
+        assert source["caption"] == "a red dog on a sandy beach" and source["words"] == ["dog", "beach"]
+    assert not torch.equal(load_concept(out / "dog.safetensors").delta, load_concept(out / "beach.safetensors").delta)
+
+
+def test_cli_word_not_in_caption_is_an_error_before_loading_flux(tiny_pipeline_dir, concept_images, tmp_path, capsys):
+    args = _learn_args(tiny_pipeline_dir, concept_images, tmp_path / "out")
+    args[args.index("--word") + 2] = "cat"  # "dog cat"
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "'cat'" in captured.err
+    assert "loading FLUX.1" not in captured.out
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_diverging_run_writes_nothing(tiny_pipeline_dir, concept_images, tmp_path, capsys, monkeypatch):
+    original = DiffusersDenoiser.velocity
+    monkeypatch.setattr(DiffusersDenoiser, "velocity", lambda self, *a: original(self, *a) * float("nan"))
+    out = tmp_path / "out"
+    assert cli.main(_learn_args(tiny_pipeline_dir, concept_images, out)) == cli.EXIT_USER_ERROR
+    assert "error: Learning diverged at step 1" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_stop_request_writes_nothing(tiny_pipeline_dir, concept_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = cli.build_parser().parse_args(_learn_args(tiny_pipeline_dir, concept_images, out))
+    calls = []
+    assert cli.cmd_learn(args, should_stop=lambda: calls.append(1) or len(calls) > 2) == cli.EXIT_INTERRUPTED
+    assert "stopped after 2 of 6 steps; nothing was saved" in capsys.readouterr().out
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,102 @@
+"""Learn Concept node inside a real ComfyUI (COMFYUI_PATH), on tiny models.
+
+The models are built under torch.inference_mode(), as ComfyUI's executor
+loads them, so the test also proves learning works on such weights.
+"""
+
+import os
+
+import pytest
+import torch
+
+from mod_adapter.modules.concept_file import load_concept
+from mod_adapter.modules.errors import ConceptWordNotFoundError
+
+
+@pytest.fixture(scope="module")
+def env(comfyui, tmp_path_factory):
+    import folder_paths
+
+    import mod_adapter.nodes as pack_nodes
+    import tiny_comfy
+
+    concepts_dir = tmp_path_factory.mktemp("mod_concepts")
+    folder_paths.add_model_folder_path("mod_concepts", str(concepts_dir), is_default=True)
+    with torch.inference_mode():
+        models = dict(model=tiny_comfy.tiny_flux_model(), clip=tiny_comfy.tiny_flux_clip(), vae=tiny_comfy.tiny_vae())
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    return dict(nodes=pack_nodes, image=image, concepts_dir=concepts_dir, **models)
+
+
+def learn(env, seed=0, steps=6, words="dog", caption="a photo of a dog", save=False, init=None, lr=5e-2):
+    with torch.inference_mode():  # as ComfyUI's executor calls nodes
+        return env["nodes"].ModAdapterLearnConcept.execute(
+            env["model"], env["clip"], env["vae"], env["image"], caption, words, steps, steps // 2, lr, seed, 64,
+            0.8, 0.8, True, save, "learned", init).result
+
+
+def test_learns_concepts_deterministically_and_draws_the_loss_curve(env):
+    concepts, curve = learn(env, words="dog, beach", caption="a photo of a dog on a beach")
+    assert [c.word for c in concepts.items] == ["dog", "beach"]
+    for concept in concepts.items:
+        assert concept.delta.shape == (4, 128) and concept.delta.abs().max() > 0
+        assert concept.source["kind"] == "learned" and concept.num_double_blocks == 2
+    assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() <= curve.max() <= 1
+    again, _ = learn(env, words="dog, beach", caption="a photo of a dog on a beach")
+    for a, b in zip(concepts.items, again.items):
+        torch.testing.assert_close(a.delta, b.delta)
+    other_seed, _ = learn(env, seed=1, words="dog, beach", caption="a photo of a dog on a beach")
+    assert not torch.allclose(other_seed.items[0].delta, concepts.items[0].delta)
+
+
+def test_the_shared_model_is_left_unchanged(env):
+    import comfy.sample
+
+    def sample(model):
+        cond = env["clip"].encode_from_tokens_scheduled(env["clip"].tokenize("a photo of a dog"))
+        noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", cond, [], torch.zeros(1, 16, 8, 8),
+                                   seed=0, disable_pbar=True)
+
+    before = sample(env["model"])
+    learn(env)
+    assert torch.equal(sample(env["model"]), before)
+    assert not env["model"].object_patches and not env["model"].model_options.get("transformer_options")
+
+
+def test_saves_concept_files_that_reload_to_the_same_delta(env):
+    concepts, _ = learn(env, save=True)
+    files = [f for f in os.listdir(env["concepts_dir"]) if f.startswith("learned_dog")]
+    assert len(files) == 1
+    loaded = load_concept(env["concepts_dir"] / files[0])
+    torch.testing.assert_close(loaded.delta, concepts.items[0].delta, rtol=1e-2, atol=1e-3)
+    assert loaded.source["method"] == "tokenverse"
+
+
+def test_starts_from_given_concepts(env):
+    start, _ = learn(env, steps=4)
+    zero_steps_from_start, _ = learn(env, steps=1, init=start, lr=1e-12)
+    torch.testing.assert_close(zero_steps_from_start.items[0].delta, start.items[0].delta, rtol=1e-4, atol=1e-6)
+
+
+def test_a_word_missing_from_the_caption_is_an_error(env):
+    with pytest.raises(ConceptWordNotFoundError, match="giraffe"):
+        learn(env, words="giraffe")
+
+
+def test_interrupt_from_the_ui_stops_and_saves_nothing(env, monkeypatch):
+    import comfy.model_management as mm
+
+    polls = []
+
+    def interrupted():
+        polls.append(1)
+        return len(polls) > 2
+
+    monkeypatch.setattr(mm, "processing_interrupted", interrupted)
+    monkeypatch.setattr(mm, "interrupt_processing", True, raising=False)
+    before = set(os.listdir(env["concepts_dir"]))
+    with pytest.raises(mm.InterruptProcessingException):
+        learn(env, steps=20, save=True)
+    assert set(os.listdir(env["concepts_dir"])) == before
+    mm.interrupt_current_processing(False)
