@@ -1,0 +1,576 @@
+"""Main training of the Mod-Adapter: FLUX.1's flow-matching loss through the predicted Δ.
+
+Per sample (one concept per sample, paper §training): the adapter predicts Δ
+from the concept word's neutral feature and the concept image; the caption's
+T5 tokens of the concept word get ``vec + Δ_i`` in block i through
+:class:`.diffusers_flux_host.DiffusersFluxConcepts` (``TokenConcept.batch_rows
+= [b]``, so each sample of a batch carries its own concept); the target image
+is VAE-encoded to x0, noised along the rectified-flow path
+
+    x_σ = (1 − σ)·x0 + σ·ε,      target velocity v = ε − x0,
+
+and the loss is ``mean((v_θ(x_σ, σ) − v)²)`` per sample. FLUX (transformer,
+VAE, T5, CLIP-L, vector_in) is frozen; only the adapter trains. σ is drawn
+per sample from a logit-normal (default) or uniform distribution, optionally
+shifted (``σ' = sσ / (1 + (s−1)σ)``), and ε from the sample's own generator
+(:func:`.train_loop.sample_generator`), so any split over processes gives the
+same draws.
+
+Precision: FLUX is held in ``--flux-dtype`` (bfloat16 on CUDA by default,
+float32 on the CPU); the adapter's master weights are float32 and run under
+bf16 autocast on CUDA (``--mixed-precision``). The transformer uses gradient
+checkpointing (Δ still receives its gradient: the host keeps the plan for the
+recomputation).
+
+Text embeddings are computed on the fly by the pipeline's own ``encode_prompt``
+and cached per distinct caption (``--text-cache-size``); image tokens and VAE
+latents are computed on the fly (cache-free).
+
+Validation (``--validate-every K``): for fixed records and fixed seeds, the
+adapter's Δ is applied and a few Euler steps of the flow ODE are run as
+FluxPipeline does (its scheduler, its resolution-dependent shift), then the
+VAE decodes and PNGs are written under ``OUT/validation/step-<step>/``; the
+same seeds without any Δ are written once to ``OUT/validation/reference/``.
+
+Several GPUs: DDP on the adapter (:mod:`.train_loop`). When FLUX does not fit
+once per GPU, ``--flux-sharding fsdp`` shards the frozen transformer's weights
+over the processes with PyTorch FSDP2 (``fully_shard`` per block): each block's
+weights are gathered for its forward (and for the backward through it) and
+freed after. FLUX is frozen, so no gradient is reduced for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .adapter import ModAdapter
+from .checkpoint import load_adapter_checkpoint
+from .diffusers_flux_host import DiffusersFluxConcepts
+from .errors import ModAdapterError, ModelMismatchError
+from .learn_diffusers import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    DEFAULT_TRAINING_GUIDANCE,
+    fit_image,
+    latent_image_ids,
+    load_flux_pipeline,
+    load_t5_tokenizer,
+    pack_latents,
+    resolve_flux_source,
+    unpack_latents,
+)
+from .token_modulation import TokenConcept
+from .token_positions import TextSequenceLayout, find_concept_positions
+from .train_features import load_router_file, read_flux_transformer_config, router_checkpoint_info, vector_in_of
+from .train_loop import (
+    DistributedContext,
+    LoopConfig,
+    TrainingResult,
+    TrainingTask,
+    dataset_fingerprint,
+    precheck_resume,
+    run_training,
+    sample_generator,
+    setup_distributed,
+)
+from .train_manifest import ManifestError, ManifestRecord, read_manifest
+from .train_pretrain import (
+    build_adapter,
+    check_router,
+    compute_neutral_table,
+    encode_concept_images,
+    load_concept_sample,
+    load_image_encoder,
+    parse_dtype,
+    pil_to_tensor,
+    resolve_adapter_config,
+)
+
+TIMESTEP_SAMPLING = ("logit_normal", "uniform")
+
+
+@dataclass
+class FluxTrainSettings:
+    manifest: str
+    out: str
+    flux: str
+    image_encoder: str
+    image_encoder_weights: str
+    init: Optional[str] = None  # pre-training checkpoint (the paper's recipe)
+    router: Optional[str] = None  # with preset/config: train from scratch (the "no pre-training" ablation)
+    preset: Optional[str] = None
+    config: Optional[str] = None
+    components: Optional[str] = None
+    image_encoder_config: Optional[str] = None
+    device: str = "auto"
+    flux_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    resolution: int = 512
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    guidance: float = DEFAULT_TRAINING_GUIDANCE
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_shift: float = 1.0
+    gradient_checkpointing: bool = True
+    flux_sharding: str = "none"  # none | fsdp
+    text_cache_size: int = 1024
+    base_model: str = "flux1-dev"
+    validation_manifest: Optional[str] = None
+    validation_samples: int = 4
+    validation_steps: int = 20
+    validation_resolution: Optional[int] = None
+    validation_seed: int = 0
+    resume: Optional[str] = None
+
+    def validate(self) -> None:
+        problems = []
+        if self.init and (self.router or self.preset or self.config):
+            problems.append("--init takes the adapter (config and router) from the pre-training checkpoint; "
+                            "drop --router/--preset/--config, or drop --init to start from scratch")
+        if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 16:
+            problems.append(f"--resolution must be a multiple of 16, got {self.resolution!r}")
+        if self.validation_resolution is not None and (self.validation_resolution < 16 or self.validation_resolution % 16):
+            problems.append(f"--validation-resolution must be a multiple of 16, got {self.validation_resolution!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            problems.append(f"--timestep-sampling must be one of {list(TIMESTEP_SAMPLING)}, got {self.timestep_sampling!r}")
+        if not self.timestep_shift > 0:
+            problems.append(f"--timestep-shift must be positive, got {self.timestep_shift!r}")
+        if self.max_sequence_length < 8:
+            problems.append(f"--max-sequence-length must be at least 8, got {self.max_sequence_length!r}")
+        if self.flux_sharding not in ("none", "fsdp"):
+            problems.append(f"--flux-sharding must be none or fsdp, got {self.flux_sharding!r}")
+        if self.validation_samples < 0 or self.validation_steps < 1:
+            problems.append("--validation-samples must be >= 0 and --validation-steps >= 1")
+        if problems:
+            raise ModAdapterError("invalid training settings: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# Before any model: manifest and concept-word positions
+# --------------------------------------------------------------------------
+
+
+def concept_positions(records: Sequence[ManifestRecord], layout: TextSequenceLayout, source: str) -> List[List[int]]:
+    """T5 positions of each record's concept word in its caption; every failing line is reported at once."""
+    positions, problems = [], []
+    for record in records:
+        try:
+            positions.append(find_concept_positions(layout, record.caption, [record.concept_word])[0])
+        except ModAdapterError as exc:
+            first_line = str(exc).splitlines()[0]
+            problems.append(f"line {record.line}: {first_line}")
+            positions.append([])
+    if problems:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise ManifestError(f"manifest {source}: the concept word cannot be located in the T5 tokens of the caption "
+                            f"in {len(problems)} record(s):\n" + "\n".join(shown))
+    return positions
+
+
+def t5_layout(tokenizer, max_sequence_length: int) -> TextSequenceLayout:
+    """FluxPipeline's T5 sequence: padded and truncated to ``max_sequence_length``."""
+    return TextSequenceLayout.from_hf_tokenizer(tokenizer, "t5", min_length=max_sequence_length,
+                                                max_length=max_sequence_length)
+
+
+def check_adapter_fits_flux(config, flux_config: Dict[str, Any], where: str) -> None:
+    blocks = flux_config["num_layers"] + flux_config["num_single_layers"]
+    problems = []
+    if config.num_blocks != blocks:
+        problems.append(f"num_blocks {config.num_blocks} vs FLUX's {blocks} blocks")
+    if config.num_double_blocks != flux_config["num_layers"]:
+        problems.append(f"num_double_blocks {config.num_double_blocks} vs FLUX's {flux_config['num_layers']}")
+    if config.modulation_dim != flux_config["width"]:
+        problems.append(f"modulation_dim {config.modulation_dim} vs FLUX's width {flux_config['width']}")
+    if problems:
+        raise ModelMismatchError(f"the adapter ({where}) does not fit this FLUX transformer: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# Flow matching
+# --------------------------------------------------------------------------
+
+
+def sample_sigma(generator: torch.Generator, settings: FluxTrainSettings) -> float:
+    """σ of one sample (always two draws, so the noise that follows is independent of the scheme)."""
+    normal = torch.randn((), generator=generator, dtype=torch.float64)
+    uniform = torch.rand((), generator=generator, dtype=torch.float64)
+    if settings.timestep_sampling == "logit_normal":
+        sigma = torch.sigmoid(normal * settings.logit_std + settings.logit_mean)
+    else:
+        sigma = uniform
+    shift = settings.timestep_shift
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    return float(sigma.clamp(1e-4, 1.0))
+
+
+class TextEmbeddingCache:
+    """(T5 prompt_embeds (L, 4096), CLIP pooled (768)) per caption, from the pipeline's encode_prompt; LRU on the CPU."""
+
+    def __init__(self, pipe, device: torch.device, max_sequence_length: int, max_items: int = 1024):
+        self.pipe = pipe
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+        self.max_items = max_items
+        self._items: "collections.OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
+
+    @torch.no_grad()
+    def get(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._items]
+        computed = {}
+        if missing:
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=missing, prompt_2=missing, device=self.device,
+                                                         max_sequence_length=self.max_sequence_length)
+            computed = {c: (embeds[i].cpu(), pooled[i].cpu()) for i, c in enumerate(missing)}
+        out_e, out_p = [], []
+        for caption in captions:
+            item = self._items.get(caption) or computed[caption]
+            if caption in self._items:
+                self._items.move_to_end(caption)
+            elif self.max_items > 0:
+                self._items[caption] = item
+            out_e.append(item[0])
+            out_p.append(item[1])
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+        return torch.stack(out_e), torch.stack(out_p)
+
+
+def load_target_pixels(record: ManifestRecord, resolution: int) -> torch.Tensor:
+    """The target image as (3, R, R) pixels in [-1, 1] (short side resized, centre-cropped)."""
+    image, _ = fit_image(record.open_image("target_image"), resolution)
+    return pil_to_tensor(image).permute(2, 0, 1) * 2.0 - 1.0
+
+
+@torch.no_grad()
+def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """FLUX's normalised latents (float32) of pixels in [-1, 1]: (z − shift)·scale of the latent mode."""
+    vae_dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    z = vae.encode(pixels.to(device=device, dtype=vae_dtype)).latent_dist.mode().float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    vae_dtype = next(vae.parameters()).dtype
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents / vae.config.scaling_factor + shift
+    return vae.decode(z.to(vae_dtype), return_dict=False)[0].float()
+
+
+def flux_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor,
+                  pooled: torch.Tensor, guidance: Optional[float]) -> torch.Tensor:
+    """v_θ for unpacked latents (B, C, H, W) at per-sample σ (B,); returns (B, C, H, W)."""
+    batch, _, height, width = latents.shape
+    param = next(transformer.parameters())
+    dtype, device = param.dtype, latents.device
+    guidance_tensor = None
+    if guidance is not None and getattr(transformer.config, "guidance_embeds", False):
+        guidance_tensor = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
+    out = transformer(
+        hidden_states=pack_latents(latents).to(dtype),
+        timestep=sigma.to(device=device, dtype=dtype),
+        guidance=guidance_tensor,
+        pooled_projections=pooled.to(device=device, dtype=dtype),
+        encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        img_ids=latent_image_ids(height, width, device, dtype),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, height, width)
+
+
+# --------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------
+
+
+FINGERPRINT_FIELDS = ("concept_image", "concept_word", "caption", "target_image", "mask")
+
+
+class FluxTrainTask(TrainingTask):
+    stage = "train"
+
+    def __init__(self, records, positions, adapter: ModAdapter, encoder, pipe, host: DiffusersFluxConcepts,
+                 neutral: Dict[str, torch.Tensor], texts: TextEmbeddingCache, settings: FluxTrainSettings,
+                 seed: int, device: torch.device, metadata: Dict[str, Any], validation: Sequence[Tuple[ManifestRecord, List[int]]] = ()):
+        self.records, self.positions = records, positions
+        self.adapter, self.encoder, self.pipe, self.host = adapter, encoder, pipe, host
+        self.neutral, self.texts, self.settings = neutral, texts, settings
+        self.seed, self.device, self.metadata = seed, device, metadata
+        self.validation_items = list(validation)
+        self.validation_on_all_ranks = settings.flux_sharding == "fsdp"
+        self.dataset_size = len(records)
+        self.dataset_fingerprint = dataset_fingerprint(records, FINGERPRINT_FIELDS)
+        self._reference_done = False
+
+    # -- training ------------------------------------------------------------
+
+    def load_items(self, items, step):
+        concept = [load_concept_sample(self.records[index]) for _, index in items]
+        return {
+            "slots": [slot for slot, _ in items],
+            "images": [c[0] for c in concept],
+            "masks": [c[1] for c in concept],
+            "targets": torch.stack([load_target_pixels(self.records[index], self.settings.resolution) for _, index in items]),
+            "words": [self.records[index].concept_word.strip() for _, index in items],
+            "captions": [self.records[index].caption for _, index in items],
+            "positions": [self.positions[index] for _, index in items],
+        }
+
+    def per_sample_losses(self, model, prepared, step):
+        device = self.device
+        with torch.autocast(device.type, enabled=False):
+            tokens, key_mask = encode_concept_images(self.encoder, prepared["images"], prepared["masks"])
+            prompt_embeds, pooled = self.texts.get(prepared["captions"])
+            x0 = torch.cat([vae_encode(self.pipe.vae, p[None]) for p in prepared["targets"]]).to(device)
+        sigmas, noise = [], []
+        for slot in prepared["slots"]:
+            generator = sample_generator(self.seed, step, slot)
+            sigmas.append(sample_sigma(generator, self.settings))
+            noise.append(torch.randn(tuple(x0.shape[1:]), generator=generator))
+        sigma = torch.tensor(sigmas, dtype=torch.float32, device=device)
+        noise = torch.stack(noise).to(device)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
+        target = noise - x0
+
+        neutral = torch.stack([self.neutral[w] for w in prepared["words"]]).to(device)
+        delta = model(neutral, tokens.to(device), key_mask.to(device))
+        self.host.set_concepts([
+            TokenConcept(delta=delta[b], positions=prepared["positions"][b], batch_rows=[b], name=prepared["words"][b])
+            for b in range(delta.shape[0])
+        ])
+        prediction = flux_velocity(self.pipe.transformer, noisy, sigma, prompt_embeds.to(device), pooled.to(device),
+                                   self.settings.guidance)
+        return (prediction.float() - target).square().mean(dim=(1, 2, 3))
+
+    # -- validation ----------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompt_embeds, pooled, concepts: Sequence[TokenConcept], seed: int, resolution: int) -> torch.Tensor:
+        """A FluxPipeline-style Euler sample of the flow ODE with ``concepts`` applied; image (3, H, W) in 0..1."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        pipe, device = self.pipe, self.device
+        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        height = width = 2 * (resolution // (scale * 2))
+        channels = pipe.transformer.config.in_channels // 4
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latents = torch.randn((1, channels, height, width), generator=generator).to(device)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        steps = self.settings.validation_steps
+        sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+        cfg = scheduler.config
+        mu = calculate_shift((height // 2) * (width // 2), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+        self.host.set_concepts(list(concepts))
+        try:
+            for t in timesteps:
+                sigma = (t / 1000.0).expand(1).float()
+                velocity = flux_velocity(pipe.transformer, latents, sigma, prompt_embeds, pooled, self.settings.guidance)
+                latents = scheduler.step(velocity.float(), t, latents.float(), return_dict=False)[0]
+        finally:
+            self.host.set_concepts([])
+        image = vae_decode(pipe.vae, latents)[0]
+        return ((image + 1.0) / 2.0).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def validate(self, step, out_dir, ctx: DistributedContext):
+        if not self.validation_items:
+            return
+        resolution = self.settings.validation_resolution or self.settings.resolution
+        folder = os.path.join(out_dir, "validation", f"step-{step:08d}")
+        reference = os.path.join(out_dir, "validation", "reference")
+        for i, (record, positions) in enumerate(self.validation_items):
+            word = record.concept_word.strip()
+            prompt_embeds, pooled = self.texts.get([record.caption])
+            with torch.autocast(self.device.type, enabled=False):
+                tokens, key_mask = encode_concept_images(self.encoder, *[[x] for x in load_concept_sample(record)])
+            neutral = self.neutral[word][None].to(self.device)
+            delta = self.adapter(neutral, tokens.to(self.device), key_mask.to(self.device))[0].float()
+            seed = self.settings.validation_seed + i
+            image = self.sample(prompt_embeds, pooled, [TokenConcept(delta, positions, name=word)], seed, resolution)
+            name = f"{i:02d}-{_slug(word)}.png"
+            if ctx.is_main:
+                os.makedirs(folder, exist_ok=True)
+                _save_png(image, os.path.join(folder, name))
+            if not self._reference_done:
+                plain = self.sample(prompt_embeds, pooled, [], seed, resolution)
+                if ctx.is_main:
+                    os.makedirs(reference, exist_ok=True)
+                    _save_png(plain, os.path.join(reference, name))
+        self._reference_done = True
+        ctx.log(f"validation images of step {step} in {folder}")
+
+    # -- metadata ------------------------------------------------------------
+
+    def checkpoint_metadata(self):
+        return {"base_model": self.metadata["base_model"], "image_encoder": self.metadata["image_encoder"],
+                "router_info": self.metadata["router_info"],
+                "training": {"dataset": {"manifest": self.metadata["manifest"]}, "init": self.metadata.get("init"),
+                             "resolution": self.settings.resolution, "guidance": self.settings.guidance,
+                             "timestep_sampling": self.settings.timestep_sampling,
+                             "timestep_shift": self.settings.timestep_shift,
+                             "max_sequence_length": self.settings.max_sequence_length}}
+
+    def run_settings(self):
+        return _run_settings(self.settings, self.adapter.config)
+
+
+def _run_settings(s: FluxTrainSettings, config) -> Dict[str, Any]:
+    """Settings that a resumed run must share with the interrupted one."""
+    return {"resolution": s.resolution, "max_sequence_length": s.max_sequence_length, "guidance": s.guidance,
+            "timestep_sampling": s.timestep_sampling, "timestep_shift": s.timestep_shift,
+            "logit_mean": s.logit_mean, "logit_std": s.logit_std, "config": config.to_dict()}
+
+
+def _slug(word: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", word).strip("_")[:40] or "concept"
+
+
+def _save_png(image: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    array = (image.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+    Image.fromarray(array).save(path)
+
+
+# --------------------------------------------------------------------------
+# Loading and running
+# --------------------------------------------------------------------------
+
+
+def load_pipeline(settings: FluxTrainSettings, dtype: torch.dtype):
+    """The FLUX pipeline (transformer, VAE, T5, CLIP-L, tokenizers, scheduler) from local files."""
+    return load_flux_pipeline(resolve_flux_source(settings.flux, settings.components), dtype)
+
+
+def shard_transformer(transformer: torch.nn.Module, ctx: DistributedContext) -> None:
+    """Shard the frozen FLUX transformer's weights over the processes (FSDP2, one unit per block)."""
+    if not ctx.distributed:
+        return
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    import warnings
+
+    # FSDP2 warns that the blocks return views, because an in-place op on a view would skip its
+    # backward all-gather. Nothing here (nor in diffusers' Flux forward) changes them in place;
+    # tests/test_training.py checks that sharded training gives the unsharded weights.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        fully_shard(block)
+    fully_shard(transformer)
+
+
+def _resolve_flux_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(name)
+
+
+def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
+    settings.validate()
+    loop.validate()
+    # 1. Everything checkable without a model: manifest, concept positions, adapter vs FLUX sizes, router.
+    records = read_manifest(settings.manifest)
+    source = resolve_flux_source(settings.flux, settings.components)
+    layout = t5_layout(load_t5_tokenizer(source), settings.max_sequence_length)
+    positions = concept_positions(records, layout, settings.manifest)
+    validation_records = records
+    validation_positions = positions
+    if settings.validation_manifest:
+        validation_records = read_manifest(settings.validation_manifest)
+        validation_positions = concept_positions(validation_records, layout, settings.validation_manifest)
+    validation = list(zip(validation_records, validation_positions))[: settings.validation_samples]
+    flux_config = read_flux_transformer_config(settings.flux, settings.components)
+    init_meta: Dict[str, Any] = {}
+    if settings.init:
+        from .checkpoint import read_adapter_info
+
+        info = read_adapter_info(settings.init)
+        from .config import ModAdapterConfig
+
+        config = ModAdapterConfig.from_dict(info["config"])
+        if not info["router"].get("fitted") and config.num_experts > 1:
+            raise ModAdapterError(f"--init {settings.init} has no fitted router; pre-train with --router")
+        init_meta = info
+    else:
+        config = resolve_adapter_config(settings.preset, settings.config)
+    check_adapter_fits_flux(config, flux_config, settings.init or "config")
+    centroids, router_info = None, {"num_centroids": config.num_experts, "fitted": False, "seed": None, "num_words": 0}
+    if settings.router:
+        centroids, rinfo = load_router_file(settings.router)
+        check_router(centroids, config, settings.router)
+        router_info = router_checkpoint_info(rinfo)
+    elif not settings.init and config.num_experts > 1:
+        raise ModAdapterError("give --init (a pre-training checkpoint) or --router with --preset/--config")
+    if settings.resume:
+        precheck_resume(settings.resume, FluxTrainTask.stage, loop, len(records),
+                        dataset_fingerprint(records, FINGERPRINT_FIELDS), _run_settings(settings, config))
+
+    # 2. Models.
+    ctx = setup_distributed(settings.device)
+    try:
+        device = ctx.device
+        dtype = _resolve_flux_dtype(settings.flux_dtype, device)
+        encoder = load_image_encoder(settings.image_encoder, settings.image_encoder_weights, device,
+                                     config_file=settings.image_encoder_config)
+        if settings.init:
+            loaded = load_adapter_checkpoint(settings.init, dtype=torch.float32)
+            adapter = loaded.adapter
+            router_info = dict(loaded.metadata["router"])
+            expected_encoder = loaded.metadata["image_encoder"].get("name")
+            if expected_encoder and expected_encoder != encoder.name:
+                ctx.log(f"warning: --init {settings.init} was pre-trained with the image encoder {expected_encoder!r}, "
+                        f"this run uses {encoder.name!r}; train with the weights users will load in ComfyUI")
+        else:
+            adapter = build_adapter(config, centroids, loop.seed)
+        if encoder.token_width != config.image_token_dim:
+            raise ModAdapterError(f"the image encoder gives {encoder.token_width}-wide tokens, the adapter expects "
+                                  f"{config.image_token_dim}")
+        adapter = adapter.to(device=device, dtype=torch.float32).train().requires_grad_(True)
+
+        pipe = load_pipeline(settings, dtype)
+        for component in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if component is not None:
+                component.requires_grad_(False).to(device)
+        pipe.vae.eval()
+        for encoder_model in (pipe.text_encoder, pipe.text_encoder_2):
+            encoder_model.eval()
+        transformer = pipe.transformer
+        # n = vector_in(CLIP-L pooled(word)) with this pipeline's own CLIP-L and vector_in (before any sharding).
+        words = [r.concept_word for r in records] + [r.concept_word for r, _ in validation]
+        neutral = compute_neutral_table(words, pipe.text_encoder, pipe.tokenizer, vector_in_of(transformer))
+        host = DiffusersFluxConcepts(transformer)
+        if settings.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()  # no dropout in FLUX; train mode only matters for checkpointing
+        if settings.flux_sharding == "fsdp":
+            shard_transformer(transformer, ctx)
+
+        texts = TextEmbeddingCache(pipe, device, settings.max_sequence_length, settings.text_cache_size)
+        metadata = {"base_model": settings.base_model, "image_encoder": encoder.metadata(), "router_info": router_info,
+                    "manifest": os.path.abspath(settings.manifest),
+                    "init": os.path.abspath(settings.init) if settings.init else None}
+        task = FluxTrainTask(records, positions, adapter, encoder, pipe, host, neutral, texts, settings, loop.seed,
+                             device, metadata, validation)
+        ctx.log(f"training a {adapter.num_parameters():,}-parameter adapter on {len(records)} records with FLUX "
+                f"({dtype}) on {ctx.world_size} process(es), {device}")
+        try:
+            return run_training(task, loop, settings.out, ctx, resume=settings.resume)
+        finally:
+            host.remove()
+    finally:
+        ctx.close()
