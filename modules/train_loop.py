@@ -67,6 +67,7 @@ import torch.distributed as dist
 
 from .adapter import ModAdapter
 from .checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
+from .curve_plot import Panel, loss_panel, render_panels
 from .errors import ModAdapterError
 from .train_state import (
     RNG_FORMAT,
@@ -388,64 +389,14 @@ def read_loss_csv(path: str) -> List[Dict[str, str]]:
 
 def plot_training_curves(csv_path: str, png_path: str, title: str = "Mod-Adapter training") -> None:
     """Draw the loss (raw and smoothed) and learning-rate curves of ``losses.csv`` into a PNG (PIL only)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     rows = read_loss_csv(csv_path)
     steps = [int(r["step"]) for r in rows]
-    losses = [float(r["loss"]) for r in rows]
-    lrs = [float(r["lr"]) for r in rows]
-    width, height = 900, 620
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    draw.text((12, 8), title, fill="black", font=font)
-
-    def panel(box, xs, series, label, colours):
-        left, top, right, bottom = box
-        draw.rectangle(box, outline="black")
-        draw.text((left, top - 18), label, fill="black", font=font)
-        values = [v for s in series for v in s if math.isfinite(v)]
-        if not xs or not values:
-            draw.text((left + 10, top + 10), "no data yet", fill="gray", font=font)
-            return
-        x_lo, x_hi = min(xs), max(xs)
-        y_lo, y_hi = min(values), max(values)
-        if y_hi == y_lo:
-            y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1.0), y_hi + 0.5 * (abs(y_hi) or 1.0)
-        if x_hi == x_lo:
-            x_hi = x_lo + 1
-
-        def to_px(x, y):
-            return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                    bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-
-        for i in range(5):  # grid and tick labels
-            y = y_lo + (y_hi - y_lo) * i / 4
-            _, py = to_px(x_lo, y)
-            draw.line([(left, py), (right, py)], fill=(225, 225, 225))
-            draw.text((6, py - 7), f"{y:.3g}", fill="black", font=font)
-            x = x_lo + (x_hi - x_lo) * i / 4
-            px, _ = to_px(x, y_lo)
-            draw.text((px - 10, bottom + 4), f"{x:.0f}", fill="black", font=font)
-        for values_, colour in zip(series, colours):
-            points = [to_px(x, y) for x, y in zip(xs, values_) if math.isfinite(y)]
-            if len(points) == 1:
-                draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
-            elif points:
-                draw.line(points, fill=colour, width=2 if colour != (170, 190, 230) else 1)
-
-    smoothed, running = [], 0.0
-    for count, loss in enumerate(losses, 1):
-        running = 0.9 * running + 0.1 * loss
-        smoothed.append(running / (1.0 - 0.9 ** count))  # bias-corrected, so the first steps are not pulled to 0
-    panel((80, 50, width - 20, 360), steps, [losses, smoothed],
-          "loss per step (light) and smoothed (bias-corrected EMA 0.9, dark)",
-          [(170, 190, 230), (20, 60, 160)])
-    panel((80, 410, width - 20, height - 40), steps, [lrs], "learning rate", [(190, 80, 20)])
-    draw.text((width // 2 - 20, height - 20), "step", fill="black", font=font)
+    image = render_panels(
+        [loss_panel(steps, [float(r["loss"]) for r in rows]),
+         Panel("learning rate", steps, [[float(r["lr"]) for r in rows]], [(190, 80, 20)])],
+        title,
+        panel_height=235,  # 900×620 for the two panels
+    )
     temp = png_path + ".tmp.png"
     image.save(temp)
     os.replace(temp, png_path)
