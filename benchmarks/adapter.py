@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from _measure import synchronize
 from mod_adapter.modules.adapter import ModAdapter
 from mod_adapter.modules.config import ModAdapterConfig
 
@@ -91,11 +92,6 @@ class RssSampler:
     @property
     def extra_bytes(self) -> int:
         return self.peak - self.before
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(adapter, count, routing, device, dtype, repeats, warmup):

@@ -41,13 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from _measure import cpu_model, fill_random, reset_peak_rss, status_kb, synchronize
 from mod_adapter.modules.learn_concept import LearnConfig, learn_concepts
 from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
 
@@ -85,16 +85,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-@torch.no_grad()
-def _fill_random(module: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=generator)
-
-
 def build_transformer(args, device: torch.device, dtype: torch.dtype):
     from diffusers import FluxTransformer2DModel
 
@@ -102,41 +92,10 @@ def build_transformer(args, device: torch.device, dtype: torch.dtype):
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
     model = torch.nn.Module.to(model.to_empty(device=device), dtype).eval().requires_grad_(False)
-    _fill_random(model, device)
+    fill_random(model, device)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model, config
-
-
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -164,28 +123,28 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     def progress(step: int, total: int, loss: float) -> None:
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            synchronize(device)
         stamps.append(time.perf_counter())
 
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         memory_before = torch.cuda.memory_allocated(device)
     else:
-        peak_resettable = _reset_peak_rss()
-        memory_before = (_status_kb("VmRSS") or 0) * 1024
+        peak_resettable = reset_peak_rss()
+        memory_before = (status_kb("VmRSS") or 0) * 1024
 
     with DiffusersDenoiser(model, prompt_embeds, pooled, device=device) as denoiser:
         start = time.perf_counter()
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            synchronize(device)
         result = learn_concepts(denoiser, latents, positions, learn_config, words=["concept"], progress=progress)
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         memory_note = "torch.cuda.max_memory_allocated (weights included)"
     else:
-        peak = (_status_kb("VmHWM") or 0) * 1024
+        peak = (status_kb("VmHWM") or 0) * 1024
         memory_note = ("peak RSS (VmHWM" + (", reset before the run)" if peak_resettable else
                                             ", NOT reset: includes model building)"))
     step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps)][args.warmup:]
@@ -193,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     results = {
         "preset": args.preset,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

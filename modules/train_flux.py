@@ -495,7 +495,6 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
         validation_positions = concept_positions(validation_records, layout, settings.validation_manifest)
     validation = list(zip(validation_records, validation_positions))[: settings.validation_samples]
     flux_config = read_flux_transformer_config(settings.flux, settings.components)
-    init_meta: Dict[str, Any] = {}
     if settings.init:
         from .checkpoint import read_adapter_info
 
@@ -505,7 +504,6 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
         config = ModAdapterConfig.from_dict(info["config"])
         if not info["router"].get("fitted") and config.num_experts > 1:
             raise ModAdapterError(f"--init {settings.init} has no fitted router; pre-train with --router")
-        init_meta = info
     else:
         config = resolve_adapter_config(settings.preset, settings.config)
     check_adapter_fits_flux(config, flux_config, settings.init or "config")
