@@ -405,8 +405,17 @@ def profile_overhead(bench, args, device: torch.device, count: int) -> Dict[str,
     for (op, shapes), (ms, calls) in only_patched[:12]:
         new_ops.append(dict(op=op, shapes=shapes, ms=ms, calls=calls))
         print(f"  {ms:8.2f} ms  {calls:4g} calls  {op} {shapes[:110]}")
+    # Ops both runs have can still cost more patched (e.g. a copy of a per-token tensor): largest per-shape changes.
+    shared = sorted((k for k in by_shape_p if k in by_shape_u),
+                    key=lambda k: by_shape_p[k][0] - by_shape_u[k][0], reverse=True)
+    print("largest increases of ops both runs have (ms/step, by input shapes):")
+    grown = []
+    for op, shapes in shared[:8]:
+        (u, cu), (p, cp) = by_shape_u[(op, shapes)], by_shape_p[(op, shapes)]
+        grown.append(dict(op=op, shapes=shapes, unpatched_ms=u, patched_ms=p, calls=[cu, cp]))
+        print(f"  {p - u:+8.2f}  {op} {shapes[:100]}  {u:.2f} -> {p:.2f} ms, calls {cu:g} -> {cp:g}")
     return dict(concepts=count, unit=unit, unpatched_ms_per_step=total_u, patched_ms_per_step=total_p,
-                by_op=by_op, only_patched=new_ops)
+                by_op=by_op, only_patched=new_ops, grown=grown)
 
 
 # --- main -----------------------------------------------------------------------------------------------

@@ -218,9 +218,15 @@ def _spread_to_tokens(out, plan: ModulationPlan, trailing: int):
         return None
     if isinstance(out, torch.Tensor):
         return rows_to_tokens(out, plan, trailing)
-    # ComfyUI's ModulationOut(shift, scale, gate): a dataclass of (B, rows, D) tensors.
-    return dataclasses.replace(out, **{f.name: rows_to_tokens(getattr(out, f.name), plan, trailing)
-                                       for f in dataclasses.fields(out)})
+    # ComfyUI's ModulationOut(shift, scale, gate): a dataclass of (B, rows, D)
+    # tensors. Spread them together, one index_select and one allocation, and
+    # hand the block views of it, as ComfyUI's own chunk() does.
+    names = [f.name for f in dataclasses.fields(out)]
+    parts = [getattr(out, name) for name in names]
+    if any(not isinstance(p, torch.Tensor) for p in parts) or len({p.shape for p in parts}) != 1:
+        return dataclasses.replace(out, **{n: _spread_to_tokens(p, plan, trailing) for n, p in zip(names, parts)})
+    spread = rows_to_tokens(torch.cat(parts, dim=-1), plan, trailing).chunk(len(parts), dim=-1)
+    return dataclasses.replace(out, **dict(zip(names, spread)))
 
 
 @dataclass(frozen=True)

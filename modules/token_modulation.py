@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,6 +78,25 @@ class ModulationPlan:
     row_index: torch.Tensor
     deltas: torch.Tensor
     concept_names: List[str] = field(default_factory=list)
+    # (device, trailing_len) -> flat row index; built once per forward, used by every block.
+    _flat_index: Dict[Tuple[torch.device, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def flat_index(self, device: torch.device, trailing_len: int = 0) -> torch.Tensor:
+        """(B·(L_txt + trailing_len),) indices into the rows flattened to (B·(1 + K), F).
+
+        Token t of batch element b reads row ``b·(1 + K) + row_index[b, t]``;
+        trailing (image) tokens read the base row ``b·(1 + K)``.
+        """
+        key = (torch.device(device), int(trailing_len))
+        index = self._flat_index.get(key)
+        if index is None:
+            batch = self.row_index.shape[0]
+            rows = self.row_index.to(device)
+            if trailing_len:
+                rows = torch.cat([rows, rows.new_zeros(batch, trailing_len)], dim=1)
+            starts = torch.arange(batch, device=rows.device)[:, None] * self.num_rows
+            index = self._flat_index[key] = (rows + starts).reshape(-1)
+        return index
 
     @property
     def num_rows(self) -> int:
@@ -158,10 +177,14 @@ def rows_to_tokens(per_row: torch.Tensor, plan: ModulationPlan, trailing_len: in
     trailing_len: tokens after the text (the image tokens of a single-stream
         block); they use the base row.
     Returns (B, L_txt + trailing_len, F).
+
+    One ``index_select`` over the flattened rows writes the whole result in a
+    single allocation: much faster than ``gather`` with an index expanded to
+    every feature, and no ``cat`` copy for the image tokens.
     """
-    batch, _, features = per_row.shape
-    index = plan.row_index.to(per_row.device)
-    text = torch.gather(per_row, 1, index[:, :, None].expand(batch, index.shape[1], features))
-    if trailing_len == 0:
-        return text
-    return torch.cat([text, per_row[:, :1].expand(batch, trailing_len, features)], dim=1)
+    batch, rows, features = per_row.shape
+    if rows != plan.num_rows:
+        raise ModAdapterError(f"Expected {plan.num_rows} modulation rows per batch element, got {rows}")
+    index = plan.flat_index(per_row.device, trailing_len)
+    spread = per_row.reshape(batch * rows, features).index_select(0, index)
+    return spread.view(batch, plan.text_len + trailing_len, features)
