@@ -24,9 +24,18 @@ def _inside_comfyui() -> bool:
         return False
 
 
-if _inside_comfyui():
-    from .nodes import comfy_entrypoint  # noqa: F401
-else:
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the extension with the Mod-Adapter nodes.
 
-    async def comfy_entrypoint():
+    The nodes, and with them ComfyUI's own modules, are imported here, when
+    ComfyUI loads the pack, not when the package is imported. So `import
+    mod_adapter` (the library, the `mod-adapter` command, its torchrun workers)
+    never imports ComfyUI, even in an environment where ComfyUI is importable:
+    importing `comfy.model_management` outside a running ComfyUI would probe
+    the GPU with ComfyUI's command-line defaults and fail on a CPU-only machine.
+    """
+    if not _inside_comfyui():
         raise RuntimeError(NODES_NEED_COMFYUI)
+    from .nodes import comfy_entrypoint as nodes_entrypoint
+
+    return await nodes_entrypoint()

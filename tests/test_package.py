@@ -45,6 +45,15 @@ def test_importing_the_pack_outside_comfyui_gives_a_message_not_a_traceback():
     assert "mod_adapter.nodes needs ComfyUI" in nodes.stderr
 
 
+def test_the_library_and_cli_never_import_comfyui_even_where_it_is_importable(comfyui):
+    """A venv shared with ComfyUI, or a torchrun worker spawned from a process that had it on sys.path."""
+    comfy_root = os.environ["COMFYUI_PATH"]  # the comfyui fixture checked it
+    result = run_python("import sys, mod_adapter, mod_adapter.cli, mod_adapter.modules.train_flux; "
+                        "bad = [m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_api', 'folder_paths'))]; "
+                        "assert not bad, bad; print('ok')", PYTHONPATH=comfy_root)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 def mod_adapter_cli(*args):
     return subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True, cwd="/")
 
