@@ -100,6 +100,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .modules.train_manifest import write_shards
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="packing", unit="sample")
+
+    def progress(done: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        summary = write_shards(args.manifest, args.out, max_count=args.max_count, max_bytes=args.max_gb * 1e9,
+                               progress=progress if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for shard in summary.shards:
+        print(shard)
+    print(f"packed {summary.samples} sample(s) into {len(summary.shards)} shard(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .modules.captioner import DEFAULT_PROMPT, VLMCaptioner, caption_manifest
 
@@ -339,8 +363,8 @@ def _add_training_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mod-adapter",
-        description="Mod-Adapter for FLUX.1: inspect adapter checkpoints and concept files "
-                    "(training and concept learning commands come with later releases).",
+        description="Mod-Adapter for FLUX.1: inspect adapter checkpoints and concept files, learn concepts by "
+                    "tuning, and prepare data for and train an adapter (see docs/training.md).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -364,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--require-attribute-caption", action="store_true",
                           help="a record without attribute_caption (p+) is a problem (pre-training needs it)")
     validate.set_defaults(func=cmd_validate)
+
+    pack = sub.add_parser("pack", help="pack a manifest into WebDataset tar shards for large-scale training",
+                          description="Write the records of a checked manifest into WebDataset tar shards (each "
+                                      "sample: KEY.json with the text fields, the concept image, KEY.target.* and "
+                                      "KEY.mask.*), for training from sharded storage. Prints the shards written. "
+                                      "Caption first: `caption` rewrites JSONL manifests only.")
+    pack.add_argument("manifest", help="a .jsonl manifest (or shards to re-pack)")
+    pack.add_argument("--out", required=True, metavar="PATTERN",
+                      help="shard names with a printf field, e.g. data/shard-%%06d.tar")
+    pack.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most (default 10000)")
+    pack.add_argument("--max-gb", type=float, default=3.0, help="shard size in GB at most (default 3)")
+    pack.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pack.set_defaults(func=cmd_pack)
 
     caption = sub.add_parser("caption", help="write attribute captions (p+) with a vision-language model",
                              description="Fill attribute_caption (p+) of every record of a manifest with a local "

@@ -51,6 +51,7 @@ from .token_positions import TextSequenceLayout, _concept_pattern, find_concept_
 __all__ = [
     "ManifestError",
     "ManifestRecord",
+    "ShardMember",
     "ManifestReport",
     "KNOWN_FIELDS",
     "REQUIRED_FIELDS",
@@ -58,6 +59,8 @@ __all__ = [
     "validate_manifest",
     "write_clean_manifest",
     "write_manifest",
+    "write_shards",
+    "PackSummary",
     "record_to_json",
     "iter_records",
     "is_shard_source",
@@ -85,15 +88,46 @@ _SHARD_MEMBERS = {
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+@dataclass(frozen=True)
+class ShardMember:
+    """Where one image of a tar sample lies in its (uncompressed) shard.
+
+    Records read for training hold these instead of the image bytes, so a
+    dataset of any size costs a few hundred bytes per record in memory; the
+    bytes are read when the sample is drawn.
+    """
+
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        try:
+            with open(self.shard, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read(self.size)
+        except OSError as e:
+            raise ManifestError(f"cannot read {self.name} from shard {self.shard}: {e.strerror or e}") from None
+        if len(data) != self.size:
+            raise ManifestError(
+                f"shard {self.shard} ends inside member {self.name}: the shard changed after it was read; "
+                "restart the run so that it is indexed again"
+            )
+        return data
+
+
 @dataclass
 class ManifestRecord:
     """One training sample.
 
     ``line`` is the 1-based line of the manifest (for a shard source: the
     1-based index of the sample in the stream). Images of a record read from
-    a tar shard live in memory (``data``); their paths are then
+    a tar shard are in ``data``: a :class:`ShardMember` (where the bytes lie
+    in an uncompressed shard, read on demand) or, from a compressed shard or
+    :func:`iter_records`' stream, the bytes themselves. Their paths are then
     ``<shard>/<member>`` and do not exist on disk: read images through
-    :meth:`open_image` / :meth:`open_mask`, which work for both sources.
+    :meth:`open_image` / :meth:`open_mask`, which work for every source.
     """
 
     line: int
@@ -104,13 +138,14 @@ class ManifestRecord:
     mask: Optional[Path]
     attribute_caption: Optional[str]
     key: Optional[str] = None  # WebDataset sample key (None for a JSONL manifest)
-    data: Optional[Dict[str, bytes]] = field(default=None, repr=False, compare=False)
+    data: Optional[Dict[str, Union[bytes, ShardMember]]] = field(default=None, repr=False, compare=False)
 
     def _read_bytes(self, which: str) -> Optional[bytes]:
         if which not in _PATH_FIELDS:
             raise ManifestError(f"unknown image field {which!r}; use one of {list(_PATH_FIELDS)}")
         if self.data is not None and which in self.data:
-            return self.data[which]
+            stored = self.data[which]
+            return stored.read() if isinstance(stored, ShardMember) else stored
         path = getattr(self, which)
         if path is None:
             return None
@@ -511,6 +546,75 @@ def write_clean_manifest(report: ManifestReport, out_path: Union[str, os.PathLik
     return write_manifest(report.records, out_path)
 
 
+@dataclass
+class PackSummary:
+    """What :func:`write_shards` wrote."""
+
+    samples: int
+    shards: List[str]
+
+
+def _member_bytes(record: ManifestRecord, which: str) -> Tuple[str, bytes]:
+    """(extension, bytes) of one image of ``record``: the file as it is, or PNG for formats shards do not name."""
+    raw = record._read_bytes(which)
+    suffix = Path(str(getattr(record, which))).suffix.lower().lstrip(".")
+    if suffix in _IMAGE_EXTENSIONS:
+        return suffix, raw
+    image = record.open_image(which, mode=None)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "png", buffer.getvalue()
+
+
+def write_shards(
+    source: Union[str, os.PathLike],
+    pattern: Union[str, os.PathLike],
+    *,
+    max_count: int = 10_000,
+    max_bytes: float = 3e9,
+    progress: Optional[Any] = None,
+) -> PackSummary:
+    """Pack a manifest's records into WebDataset tar shards with ``webdataset.ShardWriter``.
+
+    ``pattern`` names the shards with a printf field, ``data/shard-%06d.tar``;
+    a shard closes after ``max_count`` samples or ``max_bytes`` bytes. Each
+    sample is ``KEY.json`` (the text fields), ``KEY.<ext>`` (the concept
+    image, its file's bytes unchanged), ``KEY.target.<ext>`` when the target
+    is another image and ``KEY.mask.<ext>``. The manifest is checked first
+    (:func:`read_manifest`): a broken one is refused with every problem listed.
+    ``progress``: called with the number of samples written so far.
+    """
+    pattern = str(pattern)
+    if "%" not in pattern or not pattern.endswith(".tar"):
+        raise ManifestError(f"shard pattern {pattern!r} needs a printf field and the .tar suffix, e.g. data/shard-%06d.tar")
+    if max_count < 1:
+        raise ManifestError(f"max_count must be at least 1, got {max_count}")
+    records = read_manifest(source)
+    wds = _webdataset()
+    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    shards: List[str] = []
+    # mtime fixed: packing the same manifest twice gives byte-identical shards.
+    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, encoder=False, mtime=0.0,
+                         post=shards.append) as sink:
+        for number, record in enumerate(records):
+            fields = {"concept_word": record.concept_word, "caption": record.caption}
+            if record.attribute_caption is not None:
+                fields["attribute_caption"] = record.attribute_caption
+            sample: Dict[str, Any] = {"__key__": f"{number:09d}", "json": json.dumps(fields, ensure_ascii=False).encode()}
+            ext, raw = _member_bytes(record, "concept_image")
+            sample[ext] = raw
+            if record.target_image is not None and str(record.target_image) != str(record.concept_image):
+                ext, raw = _member_bytes(record, "target_image")
+                sample["target." + ext] = raw
+            if record.mask is not None:
+                ext, raw = _member_bytes(record, "mask")
+                sample["mask." + ext] = raw
+            sink.write(sample)
+            if progress is not None:
+                progress(number + 1)
+    return PackSummary(samples=len(records), shards=shards)
+
+
 # --------------------------------------------------------------------------
 # Streaming: JSONL or WebDataset shards
 # --------------------------------------------------------------------------
@@ -571,6 +675,64 @@ def _iter_shard_samples(source: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
         yield index, sample
 
 
+def _member_offsets(shard: str) -> Optional[Dict[Tuple[str, str], Tuple[int, int]]]:
+    """(key, suffix) -> (data offset, size) of every member of an uncompressed tar; None if it cannot seek.
+
+    Keys and suffixes are split by webdataset's own rule (suffix lowercased),
+    so they match the samples it yields. Only the headers are read: tarfile
+    seeks over the data. A compressed shard (or a key that occurs twice) has
+    no usable offsets and its images stay in memory.
+    """
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    offsets: Dict[Tuple[str, str], Tuple[int, int]] = {}
+    repeated = set()
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                key = (prefix, suffix.lower())
+                if key in offsets:
+                    repeated.add(key)
+                offsets[key] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError):
+        return None
+    for key in repeated:
+        del offsets[key]
+    return offsets
+
+
+def _bytes_to_references(data: Optional[Dict[str, Any]], sample: Dict[str, Any],
+                         offsets: Dict[str, Optional[Dict[Tuple[str, str], Tuple[int, int]]]]) -> Optional[Dict[str, Any]]:
+    """``data`` with each image that lies in an uncompressed shard replaced by its :class:`ShardMember`."""
+    if not data:
+        return data
+    shard, key = str(sample.get("__url__", "")), sample.get("__key__")
+    if shard not in offsets:
+        offsets[shard] = _member_offsets(shard) if os.path.isfile(shard) else None
+    table = offsets[shard]
+    if table is None or key is None:
+        return data
+    out: Dict[str, Any] = {}
+    for name, raw in data.items():
+        out[name] = raw
+        for ext in _SHARD_MEMBERS[name]:
+            where = table.get((key, ext))
+            if ext in sample and sample[ext] is raw and where is not None and where[1] == len(raw):
+                out[name] = ShardMember(shard=shard, name=f"{key}.{ext}", offset=where[0], size=where[1])
+                break
+    # A target that defaults to the concept image shares its member.
+    if data.get("target_image") is not None and data.get("target_image") is data.get("concept_image"):
+        out["target_image"] = out["concept_image"]
+    return out
+
+
 def _shard_object(sample: Dict[str, Any]) -> Tuple[Any, Optional[str], Dict[str, bytes], Dict[str, str]]:
     """(manifest object, parse error, image members by field, member names by field) of one sample."""
     key = sample.get("__key__", "?")
@@ -595,6 +757,7 @@ def _validate_shards(source: str, *, check_images: bool, require_attribute_capti
                      layout: Optional[TextSequenceLayout]) -> ManifestReport:
     report = ManifestReport(path=Path(source), records=[], problems=[], warnings=[])
     seen: Dict[Tuple[str, str, str], int] = {}
+    offsets: Dict[str, Optional[Dict[Tuple[str, str], Tuple[int, int]]]] = {}
     for index, sample in _iter_shard_samples(source):
         report.lines += 1
         record, problems, warnings = _shard_record(sample, index, check_images=check_images,
@@ -610,6 +773,7 @@ def _validate_shards(source: str, *, check_images: bool, require_attribute_capti
                 seen[content] = index
         report.problems.extend((index, p) for p in problems)
         if record is not None:
+            record.data = _bytes_to_references(record.data, sample, offsets)
             report.records.append(record)
     if report.lines == 0:
         report.problems.append((0, f"shard source {source!r} holds no samples"))

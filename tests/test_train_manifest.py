@@ -12,11 +12,13 @@ from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.token_positions import TextSequenceLayout
 from mod_adapter.modules.train_manifest import (
     ManifestError,
+    ShardMember,
     iter_records,
     read_manifest,
     validate_manifest,
     word_in_caption,
     write_clean_manifest,
+    write_shards,
 )
 
 
@@ -188,8 +190,8 @@ def _png_bytes(size=(32, 24), color="red", mode="RGB"):
     return buffer.getvalue()
 
 
-def _shard(path, samples):
-    with tarfile.open(path, "w") as tar:
+def _shard(path, samples, mode="w"):
+    with tarfile.open(path, mode) as tar:
         for key, members in samples:
             for name, data in members.items():
                 data = json.dumps(data).encode() if name == "json" else data
@@ -207,6 +209,43 @@ def test_iter_records_jsonl(folder):
     assert next(stream).open_mask().mode == "L"
     with pytest.raises(ManifestError, match="line 3: invalid JSON"):
         next(stream)
+
+
+def test_shard_records_hold_no_image_bytes(tmp_path):
+    """Training reads the whole record list up front: images of uncompressed shards stay on disk until drawn."""
+    samples = [
+        ("a/s000", {"json": {"concept_word": "dog", "caption": "a dog"}, "PNG": _png_bytes(color="red"),
+                    "mask.png": _png_bytes(mode="L", color=200)}),
+        ("a/s001", {"json": {"concept_word": "cat", "caption": "a cat"}, "jpg": _png_bytes(color="blue"),
+                    "target.png": _png_bytes(size=(64, 64), color="green")}),
+    ]
+    _shard(tmp_path / "plain.tar", samples)
+    _shard(tmp_path / "packed.tar.gz", samples, mode="w:gz")
+    streamed = list(iter_records(str(tmp_path / "plain.tar")))
+    records = read_manifest(str(tmp_path / "plain.tar"))
+    assert [r.key for r in records] == ["a/s000", "a/s001"]
+    for record in records:
+        assert record.data and all(isinstance(v, ShardMember) for v in record.data.values()), record.data
+    assert records[0].data["target_image"] is records[0].data["concept_image"]  # the default target shares it
+    assert records[0].data["concept_image"].name == "a/s000.png"  # webdataset lowercases suffixes; the index too
+    for record, reference in zip(records, streamed):
+        for which in ("concept_image", "target_image", "mask"):
+            got, want = (record.open_image(which, mode=None) if getattr(record, which) else None,
+                         reference.open_image(which, mode=None) if getattr(reference, which) else None)
+            assert (got is None) == (want is None) and (got is None or got.tobytes() == want.tobytes())
+    assert records[1].open_image("target_image").getpixel((0, 0)) == (0, 128, 0)
+    assert records[0].open_mask().getpixel((0, 0)) == 200
+
+    # A compressed shard cannot be read at an offset: its images stay in memory, and still load.
+    packed = read_manifest(str(tmp_path / "packed.tar.gz"))
+    assert all(isinstance(v, bytes) for r in packed for v in r.data.values())
+    assert packed[1].open_image("target_image").size == (64, 64)
+
+    # The shard changed under a run: a clear error, never the wrong bytes silently.
+    raw = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "plain.tar").write_bytes(raw[: records[1].data["target_image"].offset + 10])
+    with pytest.raises(ManifestError, match="shard changed after it was read"):
+        records[1].open_image("target_image")
 
 
 def test_iter_records_webdataset_shards(tmp_path):
@@ -252,3 +291,41 @@ def test_iter_records_webdataset_shards(tmp_path):
         list(iter_records(str(tmp_path / "shard-{000..009}.tar")))
     with pytest.raises(ManifestError, match="tar shard"):
         write_clean_manifest(report, tmp_path / "clean.jsonl")
+
+
+def test_pack_writes_shards_that_read_back_as_the_manifest(folder, capsys):
+    _png(folder / "img" / "odd.tif")  # a format shards do not name: packed as PNG
+    path = _write(folder / "train.jsonl", [
+        GOOD,
+        {"concept_image": "img/cat.png", "concept_word": "cat", "caption": "a sleepy cat", "target_image": "img/target.png",
+         "mask": "img/mask.png", "attribute_caption": "sleepy blue cat"},
+        {"concept_image": "img/odd.tif", "concept_word": "vase", "caption": "a vase on a table"},
+    ])
+    pattern = str(folder / "shards" / "part-%03d.tar")
+    assert cli_main(["pack", str(path), "--out", pattern, "--max-count", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.split() == [str(folder / "shards" / "part-000.tar"), str(folder / "shards" / "part-001.tar")]
+    assert "packed 3 sample(s) into 2 shard(s)" in printed.err
+    first = (folder / "shards" / "part-000.tar").read_bytes()
+
+    want, got = read_manifest(path), read_manifest(str(folder / "shards" / "part-*.tar"))
+    assert [(r.concept_word, r.caption, r.attribute_caption) for r in got] == \
+           [(r.concept_word, r.caption, r.attribute_caption) for r in want]
+    for a, b in zip(want, got):
+        assert b.open_image().tobytes() == a.open_image().tobytes()
+        assert b.open_image("target_image").tobytes() == a.open_image("target_image").tobytes()
+        assert (a.mask is None) == (b.mask is None)
+    assert got[1].open_mask().tobytes() == want[1].open_mask().tobytes()
+    assert got[2].data["concept_image"].name.endswith(".png")
+    assert got[0].data["target_image"] is got[0].data["concept_image"]  # no target member when it is the concept image
+
+    # The same manifest packs to the same bytes (fixed mtime).
+    assert cli_main(["pack", str(path), "--out", pattern, "--max-count", "2", "--no-progress"]) == 0
+    assert (folder / "shards" / "part-000.tar").read_bytes() == first
+
+    # A broken manifest is refused before anything is written; a pattern without a field too.
+    broken = _write(folder / "broken.jsonl", [GOOD, {"concept_word": "dog", "caption": "a dog"}])
+    assert cli_main(["pack", str(broken), "--out", str(folder / "b" / "x-%03d.tar"), "--no-progress"]) == 2
+    assert "line 2: missing field 'concept_image'" in capsys.readouterr().err and not (folder / "b").exists()
+    with pytest.raises(ManifestError, match="printf field"):
+        write_shards(path, folder / "shards" / "all.tar")

@@ -249,6 +249,20 @@ def test_stop_and_resume_equals_the_uninterrupted_run(env, pretrained, monkeypat
     assert code == 2 and "--batch-size was 4, now 2" in capsys.readouterr().err
 
 
+def test_training_from_packed_shards_equals_training_from_the_manifest(env, pretrained):
+    """`pack` then train on the tar shards: the images are read lazily from the shards and give the same run."""
+    shards = env["base"] / "shards"
+    assert main(["pack", env["manifest"], "--out", str(shards / "part-%03d.tar"), "--max-count", "3",
+                 "--no-progress"]) == 0
+    init = pretrained / "adapter.safetensors"
+    from_manifest, from_shards = env["base"] / "from_manifest", env["base"] / "from_shards"
+    assert main(train_argv(env, from_manifest, init, steps=3, batch=4)) == 0
+    assert main(train_argv(dict(env, manifest=str(shards / "part-*.tar")), from_shards, init, steps=3, batch=4)) == 0
+    assert losses(from_shards) == losses(from_manifest)
+    a, b = tensors(from_manifest / "adapter.safetensors"), tensors(from_shards / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_processes_give_the_weights_of_one(env, pretrained):
     import torch.multiprocessing as mp
 
