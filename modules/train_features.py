@@ -13,7 +13,7 @@ diffusers ``vector_in`` is ``FluxTransformer2DModel.time_text_embed.text_embedde
 (``PixArtAlphaTextProjection``: linear_1, SiLU, linear_2); in BFL/ComfyUI
 layout it is ``vector_in.in_layer`` / ``vector_in.out_layer``. Pre-training
 regresses F+ onto ``M(CLIP(p+))`` of the attribute caption p+, the same map
-applied to a longer text (:func:`attribute_targets`).
+applied to a longer text (:class:`TextFeatureCache`).
 
 Only the few vector_in tensors are read from a FLUX checkpoint
 (:func:`load_vector_in`), so ``fit-router`` and ``pretrain`` never load the
@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -128,49 +128,47 @@ def neutral_features(words: Sequence[str], clip_text_model: nn.Module, clip_toke
     return project_pooled(clip_pooled(words, clip_text_model, clip_tokenizer, batch_size=batch_size), text_embedder)
 
 
-def attribute_targets(captions: Sequence[str], clip_text_model: nn.Module, clip_tokenizer, text_embedder: nn.Module,
-                      *, batch_size: int = 64) -> torch.Tensor:
-    """The pre-training targets M(CLIP(p+)) of attribute captions p+: (len, width) float32."""
-    return project_pooled(clip_pooled(captions, clip_text_model, clip_tokenizer, batch_size=batch_size), text_embedder)
+class LruTextCache:
+    """Values computed per distinct text on first use and kept, least recently used evicted.
 
-
-class TextFeatureCache:
-    """M(CLIP(text)) per text, computed on first use and kept (least recently used evicted).
-
+    ``compute`` maps a list of texts to their values, in order, in one batch.
     ``max_items=0`` keeps nothing (every call recomputes); ``None`` keeps all.
-    Values live on the CPU as float32.
     """
 
-    def __init__(self, clip_text_model: nn.Module, clip_tokenizer, text_embedder: nn.Module, max_items: Optional[int] = 4096):
-        self.clip_text_model = clip_text_model
-        self.clip_tokenizer = clip_tokenizer
-        self.text_embedder = text_embedder
+    def __init__(self, compute: Callable[[List[str]], Sequence[Any]], max_items: Optional[int]):
+        self.compute = compute
         self.max_items = max_items
-        self._items: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self._items: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 
-    def get(self, texts: Sequence[str]) -> torch.Tensor:
+    def get(self, texts: Sequence[str]) -> List[Any]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._items]
-        computed: Dict[str, torch.Tensor] = {}
-        if missing:
-            values = project_pooled(clip_pooled(missing, self.clip_text_model, self.clip_tokenizer), self.text_embedder).cpu()
-            computed = dict(zip(missing, values))
-        self.misses += len(missing)
-        self.hits += len(texts) - len(missing)
+        computed = dict(zip(missing, self.compute(missing))) if missing else {}
         out = []
         for text in texts:
-            value = self._items.get(text)
-            if value is None:
+            if text in self._items:
+                self._items.move_to_end(text)
+                value = self._items[text]
+            else:
                 value = computed[text]
                 if self.max_items is None or self.max_items > 0:
                     self._items[text] = value
-            else:
-                self._items.move_to_end(text)
             out.append(value)
         while self.max_items is not None and len(self._items) > self.max_items:
             self._items.popitem(last=False)
-        return torch.stack(out)
+        return out
+
+
+class TextFeatureCache:
+    """M(CLIP(text)) per text (the pre-training targets of attribute captions p+), as (len, width) float32 on the CPU."""
+
+    def __init__(self, clip_text_model: nn.Module, clip_tokenizer, text_embedder: nn.Module, max_items: Optional[int] = 4096):
+        def compute(texts: List[str]) -> torch.Tensor:
+            return project_pooled(clip_pooled(texts, clip_text_model, clip_tokenizer), text_embedder).cpu()
+
+        self._cache = LruTextCache(compute, max_items)
+
+    def get(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.stack(self._cache.get(texts))
 
 
 # --------------------------------------------------------------------------
@@ -225,7 +223,7 @@ def load_clip_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torc
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-def _transformer_weight_files(flux: str, components: Optional[str]) -> List[str]:
+def _transformer_weight_files(flux: str) -> List[str]:
     """Safetensors files that may hold FLUX's vector_in, most likely first."""
     if os.path.isfile(flux):
         if not flux.lower().endswith((".safetensors", ".sft")):
@@ -245,7 +243,7 @@ def _transformer_weight_files(flux: str, components: Optional[str]) -> List[str]
     return [os.path.join(transformer_dir, f) for f in files]
 
 
-def load_vector_in(flux: str, *, components: Optional[str] = None, device="cpu",
+def load_vector_in(flux: str, *, device="cpu",
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """FLUX's vector_in alone, read from the transformer's safetensors file(s).
 
@@ -257,7 +255,7 @@ def load_vector_in(flux: str, *, components: Optional[str] = None, device="cpu",
     from diffusers.models.embeddings import PixArtAlphaTextProjection
 
     found: Dict[str, torch.Tensor] = {}
-    for path in _transformer_weight_files(flux, components):
+    for path in _transformer_weight_files(flux):
         _, header = read_safetensors_header(path, kind="FLUX.1 transformer", error_cls=ModAdapterError)
         names: Dict[str, str] = {}
         for ours, bfl in _VECTOR_IN_NAMES.items():

@@ -41,7 +41,6 @@ freed after. FLUX is frozen, so no gradient is reduced for it.
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ from .learn_diffusers import (
 )
 from .token_modulation import TokenConcept
 from .token_positions import TextSequenceLayout, find_concept_positions
-from .train_features import load_router_file, read_flux_transformer_config, router_checkpoint_info, vector_in_of
+from .train_features import LruTextCache, read_flux_transformer_config, vector_in_of
 from .train_loop import (
     DistributedContext,
     LoopConfig,
@@ -81,13 +80,13 @@ from .train_loop import (
 from .train_manifest import ManifestError, ManifestRecord, read_manifest
 from .train_pretrain import (
     build_adapter,
-    check_router,
     compute_neutral_table,
-    encode_concept_images,
     load_concept_sample,
     load_image_encoder,
+    load_router,
     parse_dtype,
     pil_to_tensor,
+    predict_deltas,
     resolve_adapter_config,
 )
 
@@ -213,32 +212,17 @@ class TextEmbeddingCache:
     """(T5 prompt_embeds (L, 4096), CLIP pooled (768)) per caption, from the pipeline's encode_prompt; LRU on the CPU."""
 
     def __init__(self, pipe, device: torch.device, max_sequence_length: int, max_items: int = 1024):
-        self.pipe = pipe
-        self.device = device
-        self.max_sequence_length = max_sequence_length
-        self.max_items = max_items
-        self._items: "collections.OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
+        @torch.no_grad()
+        def compute(captions: List[str]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+            embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=captions, device=device,
+                                                   max_sequence_length=max_sequence_length)
+            return [(embeds[i].cpu(), pooled[i].cpu()) for i in range(len(captions))]
 
-    @torch.no_grad()
+        self._cache = LruTextCache(compute, max_items)
+
     def get(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._items]
-        computed = {}
-        if missing:
-            embeds, pooled, _ = self.pipe.encode_prompt(prompt=missing, prompt_2=missing, device=self.device,
-                                                         max_sequence_length=self.max_sequence_length)
-            computed = {c: (embeds[i].cpu(), pooled[i].cpu()) for i, c in enumerate(missing)}
-        out_e, out_p = [], []
-        for caption in captions:
-            item = self._items.get(caption) or computed[caption]
-            if caption in self._items:
-                self._items.move_to_end(caption)
-            elif self.max_items > 0:
-                self._items[caption] = item
-            out_e.append(item[0])
-            out_p.append(item[1])
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-        return torch.stack(out_e), torch.stack(out_p)
+        items = self._cache.get(captions)
+        return torch.stack([e for e, _ in items]), torch.stack([p for _, p in items])
 
 
 def load_target_pixels(record: ManifestRecord, resolution: int) -> torch.Tensor:
@@ -328,7 +312,6 @@ class FluxTrainTask(TrainingTask):
     def per_sample_losses(self, model, prepared, step):
         device = self.device
         with torch.autocast(device.type, enabled=False):
-            tokens, key_mask = encode_concept_images(self.encoder, prepared["images"], prepared["masks"])
             prompt_embeds, pooled = self.texts.get(prepared["captions"])
             x0 = torch.cat([vae_encode(self.pipe.vae, p[None]) for p in prepared["targets"]]).to(device)
         sigmas, noise = [], []
@@ -342,8 +325,8 @@ class FluxTrainTask(TrainingTask):
         noisy = (1.0 - s) * x0 + s * noise
         target = noise - x0
 
-        neutral = torch.stack([self.neutral[w] for w in prepared["words"]]).to(device)
-        delta = model(neutral, tokens.to(device), key_mask.to(device))
+        delta, _ = predict_deltas(model, self.encoder, self.neutral, prepared["images"], prepared["masks"],
+                                  prepared["words"], device)
         self.host.set_concepts([
             TokenConcept(delta=delta[b], positions=prepared["positions"][b], batch_rows=[b], name=prepared["words"][b])
             for b in range(delta.shape[0])
@@ -394,10 +377,8 @@ class FluxTrainTask(TrainingTask):
         for i, (record, positions) in enumerate(self.validation_items):
             word = record.concept_word.strip()
             prompt_embeds, pooled = self.texts.get([record.caption])
-            with torch.autocast(self.device.type, enabled=False):
-                tokens, key_mask = encode_concept_images(self.encoder, *[[x] for x in load_concept_sample(record)])
-            neutral = self.neutral[word][None].to(self.device)
-            delta = self.adapter(neutral, tokens.to(self.device), key_mask.to(self.device))[0].float()
+            image, mask = load_concept_sample(record)
+            delta = predict_deltas(self.adapter, self.encoder, self.neutral, [image], [mask], [word], self.device)[0][0].float()
             seed = self.settings.validation_seed + i
             image = self.sample(prompt_embeds, pooled, [TokenConcept(delta, positions, name=word)], seed, resolution)
             name = f"{i:02d}-{_slug(word)}.png"
@@ -507,12 +488,8 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
     else:
         config = resolve_adapter_config(settings.preset, settings.config)
     check_adapter_fits_flux(config, flux_config, settings.init or "config")
-    centroids, router_info = None, {"num_centroids": config.num_experts, "fitted": False, "seed": None, "num_words": 0}
-    if settings.router:
-        centroids, rinfo = load_router_file(settings.router)
-        check_router(centroids, config, settings.router)
-        router_info = router_checkpoint_info(rinfo)
-    elif not settings.init and config.num_experts > 1:
+    centroids, router_info = load_router(settings.router, config)
+    if not settings.router and not settings.init and config.num_experts > 1:
         raise ModAdapterError("give --init (a pre-training checkpoint) or --router with --preset/--config")
     if settings.resume:
         precheck_resume(settings.resume, FluxTrainTask.stage, loop, len(records),

@@ -546,15 +546,7 @@ def _save_checkpoint(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContex
                      {"rng": capture_rng_state()}, kind=RNG_FORMAT)
     ctx.barrier()
     if ctx.is_main:
-        meta = task.checkpoint_metadata()
-        summary = _training_summary(task, cfg, ctx, step, last_loss, meta.get("training", {}))
-        save_adapter_checkpoint(os.path.join(folder, ADAPTER_FILE), task.adapter, base_model=meta["base_model"],
-                                image_encoder=meta["image_encoder"], router_info=meta["router_info"], training=summary)
-        if ema is not None:
-            with ema.swapped_in():
-                save_adapter_checkpoint(os.path.join(folder, EMA_FILE), task.adapter, base_model=meta["base_model"],
-                                        image_encoder=meta["image_encoder"], router_info=meta["router_info"],
-                                        training=dict(summary, ema_decay=cfg.ema_decay, weights="ema"))
+        _save_adapter_files(task, cfg, ctx, folder, step, last_loss, ema)
         info = {
             "stage": task.stage,
             "step": step,
@@ -570,14 +562,31 @@ def _save_checkpoint(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContex
             "last_loss": last_loss,
         }
         save_state_files(folder, STATE_STEM, info, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-        csv_path = os.path.join(out_dir, CSV_FILE)
-        if os.path.isfile(csv_path):
-            plot_training_curves(csv_path, os.path.join(out_dir, PLOT_FILE), title=f"Mod-Adapter {task.stage}")
+        _plot_losses(task, out_dir)
         if cfg.keep_checkpoints:
             for _, old in list_checkpoints(out_dir)[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return folder
+
+
+def _save_adapter_files(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, folder: str, step: int,
+                        last_loss: Optional[float], ema: Optional[ExponentialMovingAverage]) -> None:
+    """``adapter.safetensors`` (and ``adapter-ema.safetensors`` with EMA) in ``folder``, with the training summary."""
+    meta = task.checkpoint_metadata()
+    summary = _training_summary(task, cfg, ctx, step, last_loss, meta.get("training", {}))
+    common = dict(base_model=meta["base_model"], image_encoder=meta["image_encoder"], router_info=meta["router_info"])
+    save_adapter_checkpoint(os.path.join(folder, ADAPTER_FILE), task.adapter, training=summary, **common)
+    if ema is not None:
+        with ema.swapped_in():
+            save_adapter_checkpoint(os.path.join(folder, EMA_FILE), task.adapter,
+                                    training=dict(summary, ema_decay=cfg.ema_decay, weights="ema"), **common)
+
+
+def _plot_losses(task: TrainingTask, out_dir: str) -> None:
+    csv_path = os.path.join(out_dir, CSV_FILE)
+    if os.path.isfile(csv_path):
+        plot_training_curves(csv_path, os.path.join(out_dir, PLOT_FILE), title=f"Mod-Adapter {task.stage}")
 
 
 def _jsonable(value):
@@ -797,17 +806,8 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
 
     final_path = None if stopped_early else os.path.join(out_dir, ADAPTER_FILE)
     if not stopped_early and ctx.is_main:
-        meta = task.checkpoint_metadata()
-        summary = _training_summary(task, cfg, ctx, step, last_loss, meta.get("training", {}))
-        save_adapter_checkpoint(final_path, adapter, base_model=meta["base_model"], image_encoder=meta["image_encoder"],
-                                router_info=meta["router_info"], training=summary)
-        if ema is not None:
-            with ema.swapped_in():
-                save_adapter_checkpoint(os.path.join(out_dir, EMA_FILE), adapter, base_model=meta["base_model"],
-                                        image_encoder=meta["image_encoder"], router_info=meta["router_info"],
-                                        training=dict(summary, ema_decay=cfg.ema_decay, weights="ema"))
-        plot_training_curves(os.path.join(out_dir, CSV_FILE), os.path.join(out_dir, PLOT_FILE),
-                             title=f"Mod-Adapter {task.stage}")
+        _save_adapter_files(task, cfg, ctx, out_dir, step, last_loss, ema)
+        _plot_losses(task, out_dir)
     ctx.barrier()
     return TrainingResult(steps_done=step, losses=losses, out_dir=out_dir, final_adapter=final_path,
                           stopped_early=stopped_early)

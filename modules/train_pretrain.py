@@ -29,7 +29,7 @@ import torch
 from .adapter import ModAdapter
 from .config import ModAdapterConfig
 from .errors import ConfigError, ModAdapterError
-from .router import fit_kmeans
+from .router import assign_experts, fit_kmeans
 from .train_features import (
     TextFeatureCache,
     distinct_words,
@@ -114,6 +114,15 @@ def check_router(centroids: torch.Tensor, config: ModAdapterConfig, path: str) -
         )
 
 
+def load_router(path: Optional[str], config: ModAdapterConfig) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+    """(centroids or None, the checkpoint's ``router`` entry) from ``--router``, checked against ``config``."""
+    if not path:
+        return None, {"num_centroids": config.num_experts, "fitted": False, "seed": None, "num_words": 0}
+    centroids, info = load_router_file(path)
+    check_router(centroids, config, path)
+    return centroids, router_checkpoint_info(info)
+
+
 # --------------------------------------------------------------------------
 # Concept images -> image tokens
 # --------------------------------------------------------------------------
@@ -154,6 +163,19 @@ def encode_concept_images(encoder, images: Sequence[torch.Tensor], masks: Sequen
     return torch.stack(tokens), torch.stack(keys)
 
 
+def predict_deltas(model, encoder, neutral_table: Dict[str, torch.Tensor], images: Sequence[torch.Tensor],
+                   masks: Sequence[Optional[torch.Tensor]], words: Sequence[str], device: torch.device):
+    """(Δ (B, N, D), neutral features (B, D)) of concept images and their words.
+
+    The frozen image encoder runs outside autocast (float32 tokens, as at
+    inference); ``model`` is the adapter, possibly DDP-wrapped.
+    """
+    with torch.autocast(device.type, enabled=False):
+        tokens, key_mask = encode_concept_images(encoder, images, masks)
+    neutral = torch.stack([neutral_table[w] for w in words]).to(device)
+    return model(neutral, tokens.to(device), key_mask.to(device)), neutral
+
+
 # --------------------------------------------------------------------------
 # Model loading (separate functions: the manifest is checked before any of them runs)
 # --------------------------------------------------------------------------
@@ -180,7 +202,7 @@ def load_text_side(flux: str, components: Optional[str], clip_l: Optional[str], 
             f"--components (a diffusers FLUX folder) for the CLIP-L text encoder"
         )
     clip_model, clip_tokenizer = load_clip_text_encoder(clip_source, device=device, dtype=dtype)
-    vector_in = load_vector_in(flux, components=components, device=device, dtype=dtype)
+    vector_in = load_vector_in(flux, device=device, dtype=dtype)
     return clip_model, clip_tokenizer, vector_in
 
 
@@ -209,7 +231,7 @@ def fit_router(manifest: str, *, flux: str, out: str, experts: int = 12, seed: i
     centroids = fit_kmeans(features, experts, seed=seed, iterations=iterations)
     save_router_file(out, centroids, seed=seed, words=words, base_model=base_model,
                      text_encoder=os.path.basename(os.path.normpath(clip_l or components or flux)))
-    counts = torch.bincount(torch.cdist(features.float().cpu(), centroids).argmin(dim=1), minlength=experts)
+    counts = torch.bincount(assign_experts(features.float().cpu(), centroids), minlength=experts)
     return {"words": len(words), "experts": experts, "width": int(centroids.shape[1]), "out": out,
             "words_per_expert": counts.tolist()}
 
@@ -268,10 +290,9 @@ class PretrainTask(TrainingTask):
 
     def per_sample_losses(self, model, prepared, step):
         with torch.autocast(self.device.type, enabled=False):
-            tokens, key_mask = encode_concept_images(self.encoder, prepared["images"], prepared["masks"])
             target = self.targets.get(prepared["attributes"]).to(self.device)
-        neutral = torch.stack([self.neutral[w] for w in prepared["words"]]).to(self.device)
-        delta = model(neutral, tokens.to(self.device), key_mask.to(self.device))
+        delta, neutral = predict_deltas(model, self.encoder, self.neutral, prepared["images"], prepared["masks"],
+                                        prepared["words"], self.device)
         return pretrain_loss(delta, neutral, target)
 
     def checkpoint_metadata(self):
@@ -293,12 +314,8 @@ def run_pretrain(settings: PretrainSettings, loop: LoopConfig) -> TrainingResult
     config = resolve_adapter_config(settings.preset, settings.config)
     # Everything that can be checked without a model comes first.
     records = read_manifest(settings.manifest, require_attribute_caption=True)
-    centroids, router_info = None, {"num_centroids": config.num_experts, "fitted": False, "seed": None, "num_words": 0}
-    if settings.router:
-        centroids, info = load_router_file(settings.router)
-        check_router(centroids, config, settings.router)
-        router_info = router_checkpoint_info(info)
-    elif config.num_experts > 1:
+    centroids, router_info = load_router(settings.router, config)
+    if not settings.router and config.num_experts > 1:
         raise ModAdapterError(f"--router is required: the adapter has {config.num_experts} experts (fit the router "
                               f"with `mod-adapter fit-router`)")
     if settings.resume:

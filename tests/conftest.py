@@ -2,9 +2,24 @@ import os
 import sys
 
 import pytest
+import torch
 
 # Test helpers (tiny model builders) live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One intra-op thread for the module's tests.
+
+    Models this small run several times faster on one thread, and far faster
+    when other processes share the two cores (OpenMP threads then wait on each
+    other); one thread is also deterministic.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

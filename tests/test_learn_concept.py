@@ -45,14 +45,7 @@ POSITIONS = [[3, 4]]
 FAST = LearnConfig(steps=80, stage1_steps=50, lr=2.0, seed=0, log_every=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    # Models this small run several times faster on one thread, and far faster
-    # when other processes share the cores (OpenMP threads then wait on each other).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,7 @@ if not tt.tokenizers_available():
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two CPU cores, often shared: one intra-op thread avoids oversubscription (and is deterministic).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +142,10 @@ def test_fit_router_clusters_the_distinct_words(env, tmp_path):
     pipe = FluxPipeline.from_pretrained(env["flux"])
     features = neutral_features(tt.WORDS, pipe.text_encoder, pipe.tokenizer, pipe.transformer.time_text_embed.text_embedder)
     torch.testing.assert_close(centroids, fit_kmeans(features, 3, seed=0))
+    # The summary counts each word under its nearest centroid: every word once, every expert used.
+    summary = train_pretrain.fit_router(env["manifest"], flux=env["flux"], out=str(tmp_path / "again.safetensors"),
+                                        experts=3, seed=0)
+    assert sum(summary["words_per_expert"]) == len(tt.WORDS) and min(summary["words_per_expert"]) >= 1
     # More experts than words is refused with the count.
     code = main(["fit-router", "--manifest", env["manifest"], "--flux", env["flux"], "--experts", "9",
                  "--out", str(tmp_path / "r.safetensors")])
