@@ -29,11 +29,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Dict, List, Tuple, Type
 
 import torch
 
+from .atomic_file import atomic_replace
 from .errors import ModAdapterError
 
 # Bytes per element of every dtype the safetensors format names and torch can
@@ -337,21 +337,5 @@ def save_safetensors(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str,
         seen_storages.add((tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()))
         prepared[name] = tensor
 
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(descriptor)
-    try:
+    with atomic_replace(path) as temp_path:
         save_file(prepared, temp_path, metadata=metadata)
-        with open(temp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_path, 0o666 & ~umask)
-        os.replace(temp_path, path)
-    except BaseException:
-        try:
-            os.remove(temp_path)
-        except OSError:
-            pass
-        raise

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 
 from .adapter import ModAdapter
+from .atomic_file import atomic_replace
 from .checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
 from .curve_plot import Panel, loss_panel, render_panels
 from .errors import ModAdapterError
@@ -397,9 +398,8 @@ def plot_training_curves(csv_path: str, png_path: str, title: str = "Mod-Adapter
         title,
         panel_height=235,  # 900×620 for the two panels
     )
-    temp = png_path + ".tmp.png"
-    image.save(temp)
-    os.replace(temp, png_path)
+    with atomic_replace(png_path) as temp_path:
+        image.save(temp_path, format="PNG")
 
 
 # --------------------------------------------------------------------------

@@ -40,11 +40,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from .atomic_file import atomic_write_text
 from .errors import ModAdapterError
 from .token_positions import TextSequenceLayout, _concept_pattern, find_concept_positions
 
@@ -504,25 +504,6 @@ def record_to_json(record: ManifestRecord, out_dir: Union[str, os.PathLike]) -> 
     if record.attribute_caption is not None:
         obj["attribute_caption"] = record.attribute_caption
     return obj
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_manifest(records: Iterable[ManifestRecord], out_path: Union[str, os.PathLike]) -> int:

@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .atomic_file import atomic_write_text
 from .errors import ModAdapterError
 from .safetensors_io import load_safetensors_checked, save_safetensors
 
@@ -182,7 +183,8 @@ def save_state_files(folder, stem: str, info: Dict[str, Any], tree: Dict[str, An
     tensor_file = f"{stem}.safetensors"
     save_safetensors(os.path.join(folder, tensor_file), tensors, {"format": kind, "format_version": STATE_VERSION})
     document = {"format": kind, "format_version": STATE_VERSION, "tensors": tensor_file, **info, "state": encoded}
-    _atomic_write_json(os.path.join(folder, f"{stem}.json"), document)
+    atomic_write_text(os.path.join(folder, f"{stem}.json"),
+                      json.dumps(document, indent=1, sort_keys=True, allow_nan=False))
 
 
 def load_state_files(folder, stem: str, *, kind: str = STATE_FORMAT) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -205,26 +207,6 @@ def load_state_files(folder, stem: str, *, kind: str = STATE_FORMAT) -> Tuple[Di
         raise TrainingStateError(f"{tensor_path} is not a {kind} tensor file")
     tree = decode_tree(document.pop("state"), tensors)
     return document, tree
-
-
-def _atomic_write_json(path: str, document: Dict[str, Any]) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1, sort_keys=True, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.remove(temp)
-        except OSError:
-            pass
-        raise
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
