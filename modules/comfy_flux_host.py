@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,9 +33,8 @@ from .token_modulation import ModulationPlan, TokenConcept, build_plan, modulati
 DIFFUSION_MODEL_WRAPPER = "diffusion_model"
 WRAPPER_KEY = "mod_adapter.token_modulation"
 
-# The positional arguments of comfy.ldm.flux.model.Flux._forward, in order; a
-# DIFFUSION_MODEL wrapper receives them as the executor would.
-_FORWARD_ARGS = ("x", "timestep", "context", "y", "guidance", "ref_latents", "control", "transformer_options")
+# The parameters of FLUX's forward (comfy.ldm.flux.model.Flux._forward) that the wrapper reads or replaces.
+_FORWARD_PARAMETERS = ("context", "transformer_options")
 
 # Per forward pass: id(patch) -> _ForwardState. A context variable rather than
 # an attribute, so that the patch object stays immutable and can be shared by
@@ -144,12 +144,15 @@ class FluxTokenModulationPatch:
         return rows
 
     def __call__(self, executor, *args, **kwargs):
-        bound = dict(zip(_FORWARD_ARGS, args))
-        bound.update((k, v) for k, v in kwargs.items() if k in _FORWARD_ARGS)
-        context = bound.get("context")
-        transformer_options = bound.get("transformer_options") or {}
-        if context is None or context.ndim != 3:
-            return executor(*args, **kwargs)
+        bound = _bind_forward_arguments(executor, args, kwargs)
+        context = bound.arguments["context"]
+        transformer_options = bound.arguments.get("transformer_options") or {}
+        if not isinstance(context, torch.Tensor) or context.ndim != 3:
+            raise ModAdapterError(
+                f"Mod-Adapter expected FLUX's text conditioning as a (batch, tokens, channels) tensor, got "
+                f"{getattr(context, 'shape', type(context).__name__)}: its concepts cannot be placed on the prompt's "
+                f"tokens. Is this MODEL run by a wrapper that replaces FLUX.1's text input?"
+            )
 
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
@@ -158,20 +161,40 @@ class FluxTokenModulationPatch:
         patches = dict(options.get("patches", {}))
         patches["post_input"] = list(patches.get("post_input", [])) + [recorder]
         options["patches"] = patches
-
-        args = list(args)
-        if len(args) > _FORWARD_ARGS.index("transformer_options"):
-            args[_FORWARD_ARGS.index("transformer_options")] = options
-        else:
-            kwargs["transformer_options"] = options
+        bound.arguments["transformer_options"] = options
 
         state = _ForwardState(self, context.shape[1], context.shape[0],
                               self._eligible_rows(context, transformer_options), sigma, recorder)
         token = _ACTIVE_FORWARDS.set({**_ACTIVE_FORWARDS.get(), id(self): state})
         try:
-            return executor(*args, **kwargs)
+            return executor(*bound.args, **bound.kwargs)
         finally:
             _ACTIVE_FORWARDS.reset(token)
+
+
+def _bind_forward_arguments(executor, args, kwargs) -> inspect.BoundArguments:
+    """The arguments of FLUX's forward by name, checked against its real signature.
+
+    A DIFFUSION_MODEL wrapper receives `Flux._forward`'s arguments as the caller
+    passed them, positionally or by keyword; ComfyUI adds parameters over time
+    (all accepted through **kwargs), so nothing here depends on their order.
+    """
+    forward = getattr(executor, "original", None)
+    name = getattr(forward, "__qualname__", type(forward).__name__)
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError) as e:
+        raise ModAdapterError(f"Mod-Adapter cannot read the signature of this FLUX forward ({name}): {e}") from e
+    missing = [p for p in _FORWARD_PARAMETERS if p not in signature.parameters]
+    if missing:
+        raise ModAdapterError(
+            f"This ComfyUI's FLUX forward ({name}{signature}) has no {' or '.join(missing)} parameter, so "
+            f"Mod-Adapter cannot find the prompt's tokens. This ComfyUI version is not supported yet: update the pack."
+        )
+    try:
+        return signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ModAdapterError(f"FLUX's forward ({name}) was called with arguments its signature does not accept: {e}") from e
 
 
 class PerTokenModulation(torch.nn.Module):
@@ -199,11 +222,26 @@ class PerTokenModulation(torch.nn.Module):
         except AttributeError:
             return getattr(object.__getattribute__(self, "original"), name)
 
-    def forward(self, vec: torch.Tensor, *args, **kwargs):
+    def forward(self, vec, *args, **kwargs):
         state = self.patch.current()
-        plan = state.plan(vec.device) if state is not None and vec.ndim == 2 else None
-        if plan is None:
+        if state is None:
+            raise ModAdapterError(
+                "Mod-Adapter's modulation patch ran outside its FLUX forward wrapper, so its concepts cannot be "
+                "applied. Something calls FLUX.1's blocks without ComfyUI's DIFFUSION_MODEL wrappers (a model "
+                "wrapper from another pack?): run this MODEL without it, or apply the concepts to a plain FLUX.1 MODEL."
+            )
+        plan = state.plan(vec.device if isinstance(vec, torch.Tensor) else None)
+        if plan is None:  # no concept acts in this forward (only negative rows, or outside its schedule)
             return self.original(vec, *args, **kwargs)
+        if not isinstance(vec, torch.Tensor) or vec.ndim != 2 or vec.shape[0] != state.batch_size:
+            found = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
+            raise ModAdapterError(
+                f"Mod-Adapter cannot apply its concepts in this forward: block {self.block_index} was given a "
+                f"modulation vector of shape {found}, but FLUX.1 gives one (batch, width) row per prompt "
+                f"(batch {state.batch_size}). FLUX.1 Kontext with the 'index_timestep_zero' reference method stacks "
+                f"two timesteps into it, which ComfyUI's FLUX.1 blocks do not support either: use the 'offset' or "
+                f"'index' method."
+            )
         trailing = 0
         if self.single_stream:
             if state.img_len is None:

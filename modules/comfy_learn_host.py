@@ -7,10 +7,11 @@ are swapped before each forward; the modulation engine reads them when it
 plans the forward, and gradients flow back to Δ through the block's own
 modulation layers.
 
-Gradient checkpointing uses ComfyUI's dit block-replacement slots on our
-private clone (blocks another pack already replaces are left alone). The
-recompute during backward runs inside a copy of the forward's context, so the
-engine sees the same forward state it saw the first time.
+Every block runs through ComfyUI's dit block-replacement slots on our private
+clone (blocks another pack already replaces are left alone), with its in-place
+stream updates made on copies, optionally under activation checkpointing. The recompute during
+backward runs inside a copy of the forward's context, so the engine sees the
+same forward state it saw the first time.
 
 Like the sampling host, this file duck-types ComfyUI's ModelPatcher and never
 imports ComfyUI; loading the model on its device is the caller's job
@@ -66,31 +67,61 @@ def make_weights_autograd_safe(patched) -> None:
                 patched.add_object_patch(key, torch.nn.Parameter(original.detach().clone(), requires_grad=False))
 
 
-class CheckpointedBlock:
-    """A dit block replacement that runs its block under activation checkpointing.
+class CopyOnWriteStreams(torch.overrides.TorchFunctionMode):
+    """Inside it, an in-place op on a block's stream tensors writes to a copy and returns the copy.
+
+    ComfyUI's FLUX blocks update their streams in place (`txt += ...`, `x += ...`,
+    and since 0.3.7x `img += ...`) after a norm layer saved the same tensor for
+    backward: autograd refuses that, and activation checkpointing would recompute
+    from the already-updated tensor. The blocks update streams only through
+    augmented assignments, which rebind the name to what the op returns, so the
+    block code runs unchanged on copies; in-place ops on other tensors (an
+    attention mask added to scores, RoPE) are left as they are.
+    """
+
+    def __init__(self, *streams: torch.Tensor):
+        super().__init__()
+        self._storages = {t.untyped_storage().data_ptr() for t in streams}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor)
+                and args[0].untyped_storage().data_ptr() in self._storages):
+            copy = args[0].clone()
+            self._storages.add(copy.untyped_storage().data_ptr())  # the copy is a stream too: `img +=` comes twice
+            func(copy, *args[1:], **kwargs)
+            return copy
+        return func(*args, **kwargs)
+
+
+class AutogradBlock:
+    """A dit block replacement that makes a block safe to backpropagate through, optionally checkpointed.
 
     It calls the block module itself rather than `extra["original_block"]`: ComfyUI's
     `block_wrap` closes over the loop variable, so a recompute deferred to the backward pass
     would run whichever block the loop ended on.
     """
 
-    def __init__(self, block: torch.nn.Module, double: bool):
+    def __init__(self, block: torch.nn.Module, double: bool, checkpoint: bool):
         self.block = block
         self.double = double
+        self.checkpoint = checkpoint
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: never copy the block
         return self
 
     def _run(self, args):
-        if self.double:
-            img, txt = self.block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
-                                  attn_mask=args.get("attn_mask"), transformer_options=args.get("transformer_options"))
-            return {"img": img, "txt": txt}
-        return {"img": self.block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                                  transformer_options=args.get("transformer_options"))}
+        with CopyOnWriteStreams(*(args[k] for k in ("img", "txt") if k in args)):
+            if self.double:
+                img, txt = self.block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
+                                      attn_mask=args.get("attn_mask"), transformer_options=args.get("transformer_options"))
+                return {"img": img, "txt": txt}
+            return {"img": self.block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                                      transformer_options=args.get("transformer_options"))}
 
     def __call__(self, args, extra):
-        if not torch.is_grad_enabled():
+        if not (self.checkpoint and torch.is_grad_enabled()):
             return self._run(args)
         context = contextvars.copy_context()  # the engine's per-forward state, for the recompute in backward
         return torch.utils.checkpoint.checkpoint(lambda a: context.run(self._run, a), args, use_reentrant=False)
@@ -113,15 +144,14 @@ class ComfyFluxDenoiser:
         self.model_patcher = model_patcher.clone()
         install_patch(self.model_patcher, layout, self.patch)
         make_weights_autograd_safe(self.model_patcher)
-        if gradient_checkpointing:
-            taken = self.model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-            diffusion_model = self.model_patcher.get_model_object("diffusion_model")
-            for kind, blocks in (("double_block", diffusion_model.double_blocks),
-                                 ("single_block", diffusion_model.single_blocks)):
-                for i, block in enumerate(blocks):
-                    if (kind, i) not in taken:
-                        self.model_patcher.set_model_patch_replace(CheckpointedBlock(block, kind == "double_block"),
-                                                                   "dit", kind, i)
+        taken = self.model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        diffusion_model = self.model_patcher.get_model_object("diffusion_model")
+        for kind, blocks in (("double_block", diffusion_model.double_blocks),
+                             ("single_block", diffusion_model.single_blocks)):
+            for i, block in enumerate(blocks):
+                if (kind, i) not in taken:
+                    self.model_patcher.set_model_patch_replace(
+                        AutogradBlock(block, kind == "double_block", gradient_checkpointing), "dit", kind, i)
         self.context = context
         self.pooled = pooled
         self.guidance = guidance

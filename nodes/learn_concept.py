@@ -1,5 +1,7 @@
 """Learn Concept: tune concept directions on reference images (TokenVerse mode), no adapter needed."""
 
+import contextlib
+
 import comfy.model_management as mm
 import comfy.utils
 import numpy as np
@@ -37,6 +39,28 @@ def encode_images(vae, model, image, resolution: int):
     return latents.float().clone(), flipped.float().clone()
 
 
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's training switch, on for exactly the enclosed learning loop.
+
+    Since 0.3.7x ComfyUI's FLUX runs RoPE through comfy-kitchen kernels that have
+    no autograd formula unless `comfy.model_management.in_training` is set; its own
+    trainer (comfy_extras/nodes_train.py) sets it around its loop the same way.
+    The previous value comes back on success, error and Cancel, so that sampling
+    afterwards takes the fast inference kernels again. Versions without the
+    switch need none.
+    """
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
 def loss_curve_image(losses) -> torch.Tensor:
     image = render_panels([loss_panel(list(range(1, len(losses) + 1)), losses)], "Learn Concept", panel_height=260)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
@@ -63,12 +87,13 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
                          stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max))
     mm.load_models_gpu([denoiser.model_patcher])
     progress = comfy.utils.ProgressBar(steps)
-    result = learn_concepts(
-        denoiser, latents.to(denoiser.device), positions, config, words=words,
-        flipped_latents=flipped.to(denoiser.device), init=init,
-        progress=lambda step, total, loss: progress.update_absolute(step, total),
-        should_stop=mm.processing_interrupted,
-    )
+    with comfy_training_mode():
+        result = learn_concepts(
+            denoiser, latents.to(denoiser.device), positions, config, words=words,
+            flipped_latents=flipped.to(denoiser.device), init=init,
+            progress=lambda step, total, loss: progress.update_absolute(step, total),
+            should_stop=mm.processing_interrupted,
+        )
     if result.stopped:
         mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt: nothing is returned or saved
         raise ModAdapterError("Learning stopped before the last step; nothing was saved.")

@@ -4,6 +4,8 @@ Every test samples through ComfyUI's own sampler or calls ComfyUI's own FLUX
 module; the test is skipped, with the reason, when COMFYUI_PATH is not set.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from mod_adapter.modules.comfy_flux_host import (
 from mod_adapter.modules.errors import ModAdapterError, ModelMismatchError
 
 from tiny_flux import (
-    COMFY_REAL_WIDTH_CONFIG,
+    COMFY_REAL_WIDTH_SIZES,
     COMFY_TINY_BLOCKS as NUM_BLOCKS,
     COMFY_TINY_WIDTH as WIDTH,
     comfy_conditioning,
@@ -74,9 +76,10 @@ class NaiveReference:
     """Installed as dit block replacements on an unpatched clone: recomputes every
     block with `vec + s·Δ_i` for the concept tokens of the positive rows."""
 
-    def __init__(self, concepts, text_offset=0):
+    def __init__(self, concepts, text_offset=0, img_len=64):
         self.concepts = concepts
         self.text_offset = text_offset
+        self.img_len = img_len  # image tokens after the text: 16×16 latent in 2×2 patches, plus any references
         self.seen_cond_or_uncond = []
 
     def vec_per_text_token(self, vec, text_len, block_index, options):
@@ -108,8 +111,6 @@ class NaiveReference:
                 vec_tokens = torch.cat([vec_txt, vec[:, None, :].expand(-1, self.img_len, -1)], dim=1)
                 return {"img": _reference_single(block, x, vec_tokens, args["pe"])}
             model_patcher.set_model_patch_replace(single, "dit", "single_block", j)
-
-    img_len = 64  # 16×16 latent, 2×2 patches
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -189,14 +190,23 @@ def test_same_weights_in_comfyui_and_diffusers_layout_give_the_same_patched_outp
     from mod_adapter.modules.diffusers_flux_host import DiffusersFluxConcepts
     from mod_adapter.modules.token_modulation import TokenConcept
 
-    flux = tiny_comfy_flux(config=COMFY_REAL_WIDTH_CONFIG)
+    import comfy.sd
+
+    # One FLUX.1 file (BFL layout, as checkpoints are published: QK norms are `*_norm.scale`), loaded by
+    # ComfyUI's own loader and converted by diffusers' own converter.
+    random_model = tiny_comfy_flux(sizes=COMFY_REAL_WIDTH_SIZES).get_model_object("diffusion_model")
+    checkpoint = {(k[:-len(".weight")] + ".scale" if k.endswith("_norm.weight") else k): v
+                  for k, v in random_model.state_dict().items()}
+    del random_model
+    flux = comfy.sd.load_diffusion_model_state_dict(dict(checkpoint))
     comfy_dm = flux.get_model_object("diffusion_model")
+    assert comfy_dm.dtype == torch.float32
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     ).eval()
-    transformer.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(dict(comfy_dm.state_dict())), strict=True)
+    transformer.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint)), strict=True)
 
     g = torch.Generator().manual_seed(3)
     latent = torch.randn(2, 16, 8, 8, generator=g)
@@ -383,3 +393,128 @@ def test_positions_past_the_prompt_fail_with_a_clear_message(flux):
     patched = apply_concepts(flux, [ComfyConcept(random_delta(1), positions=[300], name="dog")])
     with pytest.raises(ModAdapterError, match="received only 256 prompt tokens"):
         comfy_sample(patched, comfy_conditioning(1))
+
+
+# --- current ComfyUI: Kontext references, wrappers, memory management, hosts we cannot patch ------
+
+def kontext_conditioning(seed, method):
+    """A prompt with one FLUX.1 Kontext reference image (what ReferenceLatent and
+    FluxKontextMultiReferenceLatentMethod put into the conditioning)."""
+    positive = comfy_conditioning(seed)
+    positive[0][1]["reference_latents"] = [torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed + 50))]
+    positive[0][1]["reference_latents_method"] = method
+    return positive
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["offset", "index", "uxo"])
+def test_kontext_reference_tokens_keep_their_modulation(flux, method):
+    concepts = [ComfyConcept(random_delta(31), positions=[2, 3], strength=1.2, name="dog")]
+    positive = kontext_conditioning(1, method)
+    reference_model = flux.clone()
+    NaiveReference(concepts, img_len=64 + 16).install(reference_model, num_double=2)  # 16×16 + 8×8 reference
+    expected = comfy_sample(reference_model, positive)
+    result = comfy_sample(apply_concepts(flux, concepts), positive)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+    plain = comfy_sample(flux, positive)
+    assert (result - plain).abs().max() > 1e-2
+    assert (plain - comfy_sample(flux, comfy_conditioning(1))).abs().max() > 1e-3, "the reference image was not used"
+
+
+@torch.no_grad()
+def test_kontext_timestep_zero_references_are_refused_with_a_clear_error(flux):
+    if "index_timestep_zero" not in inspect.getsource(type(flux.get_model_object("diffusion_model"))._forward):
+        positive = comfy_conditioning(1)  # ComfyUI 0.3.64 has no such method: a stacked vec is forced below
+        patched = apply_concepts(flux, [ComfyConcept(random_delta(1), positions=[2], name="dog")])
+        module = patched.object_patches["diffusion_model.double_blocks.0.txt_mod"]
+
+        def stacked_vec(args, extra):  # what 'index_timestep_zero' hands the blocks: two timesteps per prompt
+            module(torch.cat([args["vec"], args["vec"]]))
+        patched.set_model_patch_replace(stacked_vec, "dit", "double_block", 0)
+    else:
+        positive = kontext_conditioning(1, "index_timestep_zero")
+        patched = apply_concepts(flux, [ComfyConcept(random_delta(1), positions=[2], name="dog")])
+        # ComfyUI's own FLUX.1 blocks cannot run this method either (it is FLUX.2's): measured, not assumed.
+        with pytest.raises(RuntimeError, match="broadcast"):
+            comfy_sample(flux, positive)
+    with pytest.raises(ModAdapterError, match=r"index_timestep_zero.*'offset' or 'index'"):
+        comfy_sample(patched, positive)
+
+
+@torch.no_grad()
+def test_a_modulation_vector_the_engine_cannot_handle_is_an_error(flux):
+    patched = apply_concepts(flux, [ComfyConcept(random_delta(1), positions=[2], name="dog")])
+    block = flux.get_model_object("diffusion_model").double_blocks[0]
+
+    def per_token_vec(args, extra):  # another pack that hands the block a (B, L, D) vec
+        img, txt = block(img=args["img"], txt=args["txt"], vec=args["vec"][:, None], pe=args["pe"],
+                         transformer_options=args["transformer_options"])
+        return {"img": img, "txt": txt}
+    patched.set_model_patch_replace(per_token_vec, "dit", "double_block", 0)
+    with pytest.raises(ModAdapterError, match=r"block 0 was given a modulation vector of shape \(1, 1, 256\)"):
+        comfy_sample(patched, comfy_conditioning(1))
+
+
+@torch.no_grad()
+def test_the_modulation_patch_without_its_forward_wrapper_is_an_error(flux):
+    patched = apply_concepts(flux, [ComfyConcept(random_delta(1), positions=[2], name="dog")])
+    patched.remove_wrappers_with_key("diffusion_model", "mod_adapter.token_modulation")
+    with pytest.raises(ModAdapterError, match="outside its FLUX forward wrapper"):
+        comfy_sample(patched, comfy_conditioning(1))
+
+
+@torch.no_grad()
+def test_forward_arguments_are_bound_by_name_against_the_real_signature(flux):
+    from mod_adapter.modules.comfy_flux_host import FluxTokenModulationPatch
+
+    concepts = [ComfyConcept(random_delta(3), positions=[2, 3], name="dog")]
+    patched = apply_concepts(flux, concepts)
+    dm = flux.get_model_object("diffusion_model")
+    g = torch.Generator().manual_seed(0)
+    x, context, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 256, 4096, generator=g), torch.randn(1, 768, generator=g)
+    t, guidance = torch.full((1,), 0.5), torch.full((1,), 3.5)
+    wrappers = {"diffusion_model": {k: list(v) for k, v in patched.wrappers["diffusion_model"].items()}}
+    patched.patch_model()
+    try:
+        options = {"wrappers": wrappers, "cond_or_uncond": [0], "sigmas": t}
+        positional = dm(x, t, context, y, guidance, None, None, dict(options))
+        by_name = dm(x=x, timestep=t, context=context, y=y, guidance=guidance, transformer_options=dict(options))
+    finally:
+        patched.unpatch_model()
+    plain = dm(x, t, context, y, guidance, transformer_options={"cond_or_uncond": [0], "sigmas": t})
+    torch.testing.assert_close(by_name, positional)
+    assert (positional - plain).abs().max() > 1e-3
+
+    class ForwardWithoutContext:  # a future FLUX forward that renamed its text input
+        @staticmethod
+        def original(x, timestep, txt, transformer_options={}, **kwargs):
+            return x
+
+    patch = FluxTokenModulationPatch([])
+    with pytest.raises(ModAdapterError, match="has no context parameter"):
+        patch(ForwardWithoutContext(), x, t, context)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("position", [0, 1, 100, 255])
+def test_an_active_concept_always_changes_the_positive_output(flux, position):
+    positive = comfy_conditioning(4)
+    plain = comfy_sample(flux, positive, steps=1)
+    patched = apply_concepts(flux, [ComfyConcept(random_delta(position), positions=[position], name="dog")])
+    assert (comfy_sample(patched, positive, steps=1) - plain).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_concepts_survive_comfyui_unloading_and_reloading_the_model(flux):
+    import comfy.model_management as mm
+
+    positive = comfy_conditioning(1)
+    patched = apply_concepts(flux, [ComfyConcept(random_delta(5), positions=[2, 3], name="dog")])
+    mm.load_models_gpu([patched])
+    first = comfy_sample(patched, positive)
+    mm.unload_all_models()
+    assert not any(m.model is patched.model for m in mm.current_loaded_models)
+    second = comfy_sample(patched, positive)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert (first - comfy_sample(flux, positive)).abs().max() > 1e-2
+    mm.unload_all_models()

@@ -99,4 +99,87 @@ def test_interrupt_from_the_ui_stops_and_saves_nothing(env, monkeypatch):
     with pytest.raises(mm.InterruptProcessingException):
         learn(env, steps=20, save=True)
     assert set(os.listdir(env["concepts_dir"])) == before
+    assert getattr(mm, "in_training", False) is False  # Cancel leaves ComfyUI in inference mode
     mm.interrupt_current_processing(False)
+
+
+def test_training_mode_is_on_for_exactly_the_learning_loop(env, monkeypatch):
+    """ComfyUI 0.33.0's FLUX can only backpropagate with `in_training` set (comfy-kitchen RoPE has no
+    autograd formula); sampling afterwards must take the inference kernels again, also after an error."""
+    import comfy.model_management as mm
+
+    import mod_adapter.nodes.learn_concept as learn_node
+
+    if not hasattr(mm, "in_training"):
+        pytest.skip("this ComfyUI has no training switch (comfy.model_management.in_training)")
+    real_learn = learn_node.learn_concepts
+    seen = []
+
+    def recording_learn(*args, **kwargs):
+        seen.append(mm.in_training)
+        return real_learn(*args, **kwargs)
+
+    monkeypatch.setattr(learn_node, "learn_concepts", recording_learn)
+    assert mm.in_training is False
+    learn(env, steps=2)
+    assert seen == [True] and mm.in_training is False
+
+    def failing_learn(*args, **kwargs):
+        seen.append(mm.in_training)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(learn_node, "learn_concepts", failing_learn)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        learn(env, steps=2)
+    assert seen == [True, True] and mm.in_training is False
+
+
+def test_sampling_after_learning_uses_the_inference_rope_kernels(env, monkeypatch):
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management as mm
+    import comfy.sample
+
+    if not hasattr(mm, "in_training"):
+        pytest.skip("this ComfyUI has one RoPE path for training and inference")
+    learn(env, steps=2)
+    fast_calls = []
+    kernels = flux_math.comfy.quant_ops.ck
+    real_rope = kernels.apply_rope
+
+    def counting_rope(*args, **kwargs):
+        fast_calls.append(1)
+        return real_rope(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "apply_rope", counting_rope)
+    cond = env["clip"].encode_from_tokens_scheduled(env["clip"].tokenize("a photo of a dog"))
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    comfy.sample.sample(env["model"], noise, 1, 1.0, "euler", "simple", cond, [], torch.zeros(1, 16, 8, 8), seed=0,
+                        disable_pbar=True)
+    assert fast_calls
+
+
+def test_checkpointed_blocks_give_the_gradients_of_the_plain_forward(env):
+    """ComfyUI's blocks update their inputs in place: the recompute must still see the block's inputs."""
+    import comfy.model_management
+
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+    from mod_adapter.nodes.learn_concept import comfy_training_mode
+
+    clip = env["clip"]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a dog"))
+    context, pooled = cond[0][0].clone(), cond[0][1]["pooled_output"].clone()
+    g = torch.Generator().manual_seed(5)
+    noisy = torch.randn(1, 16, 8, 8, generator=g)
+    target = torch.randn(1, 16, 8, 8, generator=g)
+    delta0 = torch.randn(4, 128, generator=g) * 0.3
+    grads = []
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
+        for checkpointing in (False, True):
+            denoiser = ComfyFluxDenoiser(env["model"], context, pooled, gradient_checkpointing=checkpointing)
+            comfy.model_management.load_models_gpu([denoiser.model_patcher])  # as the node does
+            delta = delta0.clone().requires_grad_(True)
+            out = denoiser.velocity(noisy, torch.tensor([0.7]), [delta], [[3, 4]])
+            ((out - target) ** 2).mean().backward()
+            grads.append(delta.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)

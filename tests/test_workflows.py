@@ -370,7 +370,11 @@ def test_every_node_matches_its_comfyui_schema(workflow, object_info):
             else:
                 assert inp["link"] is not None, f"{where}: required input {inp['name']} is not connected"
         outputs = list(zip(info["output_name"], info["output"]))
-        assert [(o["name"], o["type"]) for o in node["outputs"]] == outputs, where
+        saved_outputs = [(o["name"], o["type"]) for o in node["outputs"]]
+        if node["type"] in PACK_NODE_IDS:
+            assert saved_outputs == outputs, where
+        else:  # newer ComfyUI appends outputs to core nodes (0.33.0's SaveImage passes its images on)
+            assert saved_outputs == outputs[:len(saved_outputs)], where
 
 
 def test_every_link_joins_types_comfyui_accepts(workflow, object_info):

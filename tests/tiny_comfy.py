@@ -20,11 +20,9 @@ import tempfile
 
 import torch
 
-FLUX_CONFIG = dict(
-    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=128,
-    mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 28, 28], theta=10000, patch_size=2,
-    qkv_bias=True, guidance_embed=True,
-)
+# The sizes of the tiny FLUX.1; every other field of its config comes from ComfyUI's own detection.
+FLUX_SIZES = dict(vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0, num_heads=2, depth=2,
+                  depth_single_blocks=2, axes_dim=[8, 28, 28])
 NUM_DOUBLE, NUM_SINGLE, WIDTH = 2, 2, 128
 
 CLIP_L_CONFIG = {
@@ -69,14 +67,60 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype) * (0.05 if p.ndim > 1 else 0.02))
 
 
+def flux_unet_config(*, vec_in_dim: int, context_in_dim: int, hidden_size: int, mlp_ratio: float, num_heads: int,
+                     depth: int, depth_single_blocks: int, axes_dim, guidance_embed: bool = True) -> dict:
+    """The FLUX.1 model config this ComfyUI's own loader would build for a checkpoint of these sizes.
+
+    ComfyUI's detection (`comfy.model_detection.detect_unet_config`) runs on the
+    key names and shapes of such a checkpoint (meta tensors: nothing is
+    allocated), so every field a version adds (0.33.0: `txt_ids_dims`,
+    `yak_mlp`, `txt_norm`, ...) has the value that version gives FLUX.1. Older
+    versions hard-code FLUX.1's full sizes instead of reading them, so the sizes
+    are set afterwards.
+    """
+    import comfy.model_detection
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    mlp = int(hidden_size * mlp_ratio)
+    head = hidden_size // num_heads
+    checkpoint = {"img_in.weight": meta(hidden_size, 16 * 2 * 2), "txt_in.weight": meta(hidden_size, context_in_dim),
+                  "vector_in.in_layer.weight": meta(hidden_size, vec_in_dim)}
+    if guidance_embed:
+        checkpoint["guidance_in.in_layer.weight"] = meta(hidden_size, 256)
+    for i in range(depth):
+        for stream in ("img", "txt"):
+            checkpoint[f"double_blocks.{i}.{stream}_attn.norm.key_norm.scale"] = meta(head)
+            checkpoint[f"double_blocks.{i}.{stream}_attn.norm.query_norm.scale"] = meta(head)
+            checkpoint[f"double_blocks.{i}.{stream}_mlp.0.weight"] = meta(mlp, hidden_size)
+    for j in range(depth_single_blocks):
+        checkpoint[f"single_blocks.{j}.norm.key_norm.scale"] = meta(head)
+    config = comfy.model_detection.detect_unet_config(checkpoint, "")
+    if config is None or config.get("image_model") != "flux":
+        raise RuntimeError(f"This ComfyUI does not detect a FLUX.1 checkpoint from FLUX.1's key names: {config}")
+    config.update(vec_in_dim=vec_in_dim, context_in_dim=context_in_dim, hidden_size=hidden_size, mlp_ratio=mlp_ratio,
+                  num_heads=num_heads, depth=depth, depth_single_blocks=depth_single_blocks, axes_dim=list(axes_dim),
+                  guidance_embed=guidance_embed)
+    return config
+
+
+def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32):
+    """An uninitialised ComfyUI FLUX.1 BaseModel from a unet config, through the version's own model config class."""
+    import comfy.model_detection
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
+    if model_config is None:
+        raise RuntimeError(f"This ComfyUI has no model config for {config}")
+    model_config.set_inference_dtype(dtype, None)
+    return model_config.get_model({}, device="cpu")
+
+
 def tiny_flux_model(seed: int = 0):
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
 
-    model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
+    model = comfy_flux_model(flux_unet_config(**FLUX_SIZES))
     randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

@@ -57,31 +57,26 @@ def diffusers_inputs(model, batch: int = 2, text_len: int = 7, height: int = 4, 
     )
 
 
-# The same architecture inside ComfyUI, built through its own model config
-# (DESIGN.md §2): 2 double + 4 single blocks, width 256.
-COMFY_TINY_CONFIG = dict(
-    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-    hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=4,
-    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-)
+# The same architecture inside ComfyUI, built as ComfyUI's own loader would
+# build it (DESIGN.md §2): 2 double + 4 single blocks, width 256.
+COMFY_TINY_SIZES = dict(vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2,
+                        depth_single_blocks=4, axes_dim=[16, 56, 56])
 COMFY_TINY_BLOCKS = 6
 COMFY_TINY_WIDTH = 256
 
 
 # diffusers' FLUX converter hard-codes width 3072 and MLP ratio 4: the smallest
 # model it converts has the real width and one block of each kind (~0.5B parameters).
-COMFY_REAL_WIDTH_CONFIG = dict(COMFY_TINY_CONFIG, hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1,
-                               axes_dim=[16, 56, 56])
+COMFY_REAL_WIDTH_SIZES = dict(COMFY_TINY_SIZES, hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1)
 
 
-def tiny_comfy_flux(seed: int = 0, config: dict = COMFY_TINY_CONFIG):
+def tiny_comfy_flux(seed: int = 0, sizes: dict = COMFY_TINY_SIZES):
     """A ComfyUI ModelPatcher around a small random FLUX.1 (ComfyUI must be importable)."""
     import comfy.model_patcher
-    import comfy.supported_models
 
-    model_config = comfy.supported_models.Flux(dict(config))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
+    from tiny_comfy import comfy_flux_model, flux_unet_config
+
+    model = comfy_flux_model(flux_unet_config(**sizes))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # comfy's ops leave weights uninitialised
         for p in model.diffusion_model.parameters():
