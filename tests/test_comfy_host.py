@@ -510,11 +510,64 @@ def test_concepts_survive_comfyui_unloading_and_reloading_the_model(flux):
 
     positive = comfy_conditioning(1)
     patched = apply_concepts(flux, [ComfyConcept(random_delta(5), positions=[2, 3], name="dog")])
-    mm.load_models_gpu([patched])
     first = comfy_sample(patched, positive)
+    assert any(loaded.model is patched for loaded in mm.current_loaded_models)
     mm.unload_all_models()
-    assert not any(m.model is patched.model for m in mm.current_loaded_models)
+    assert not any(loaded.model is patched for loaded in mm.current_loaded_models)
     second = comfy_sample(patched, positive)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     assert (first - comfy_sample(flux, positive)).abs().max() > 1e-2
     mm.unload_all_models()
+
+
+def _real_unsupported_models():
+    """Chroma (both versions) and FLUX.2 (where this ComfyUI knows it), built as ComfyUI's loader would
+    build them from their checkpoints' keys, at a small width."""
+    import comfy.model_detection
+
+    from tiny_comfy import comfy_flux_model
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    def detect(**keys):
+        keys = {"double_blocks.0.img_attn.norm.key_norm.scale": meta(128),
+                "single_blocks.0.norm.key_norm.scale": meta(128), **{k.replace("__", "."): v for k, v in keys.items()}}
+        return comfy.model_detection.detect_unet_config(keys, "")
+
+    small = dict(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64)
+    chroma = detect(distilled_guidance_layer__norms__0__scale=meta(5120), img_in__weight=meta(3072, 64))
+    models = {"Chroma": comfy_flux_model({**chroma, **small, "out_dim": 256, "hidden_dim": 64, "n_layers": 1})}
+    flux2 = detect(double_stream_modulation_img__lin__weight=meta(6 * 3072, 3072), img_in__weight=meta(3072, 128))
+    if flux2.get("image_model") == "flux2":
+        models["FLUX.2"] = comfy_flux_model({**flux2, **small})
+    return models
+
+
+def test_real_chroma_and_flux2_models_are_refused_naming_what_was_found(comfyui):
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    models = _real_unsupported_models()
+    for name, model in models.items():
+        with pytest.raises(ModelMismatchError, match=rf"{type(model.diffusion_model).__name__}.*no per-block text modulation"):
+            apply_concepts(comfy.model_patcher.ModelPatcher(model, cpu, cpu), [ComfyConcept(random_delta(1), positions=[1])])
+
+
+def test_a_wrapper_model_without_flux_blocks_is_refused_naming_what_was_found(comfyui, flux):
+    import comfy.model_patcher
+
+    class ThirdPartyFlux(torch.nn.Module):  # e.g. an engine wrapper that runs FLUX.1 in its own kernels
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(4, 4)
+
+    base = flux.model
+    original = base.diffusion_model
+    base.diffusion_model = ThirdPartyFlux()
+    try:
+        wrapped = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+        with pytest.raises(ModelMismatchError, match=r"this MODEL is ThirdPartyFlux \(Flux\).*no FLUX double/single"):
+            apply_concepts(wrapped, [ComfyConcept(random_delta(1), positions=[1])])
+    finally:
+        base.diffusion_model = original

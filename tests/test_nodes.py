@@ -195,3 +195,23 @@ def test_saved_concepts_reload_and_give_the_same_image(comfy_env):
     torch.testing.assert_close(sample(full_strength, conditioning), sample(predicted, conditioning),
                                rtol=1e-2, atol=1e-2)
     assert not torch.allclose(sample(from_files, conditioning), sample(full_strength, conditioning))
+
+
+def test_the_adapter_loads_offloads_and_reloads_through_comfyui_model_management(comfy_env):
+    """ComfyUI may unload any model between two runs (low VRAM, dynamic VRAM): the adapter comes back intact."""
+    import comfy.model_management as mm
+
+    runner = comfy_env["runner"]
+    embeds = encode(comfy_env, seed=3)[0]
+
+    def concept_delta():
+        from mod_adapter.modules.concept_set import resolve_concepts
+
+        return resolve_concepts(predict(comfy_env, embeds))[0].delta
+
+    first = concept_delta()
+    assert any(loaded.model is runner.patcher for loaded in mm.current_loaded_models)
+    mm.unload_all_models()
+    assert not any(loaded.model is runner.patcher for loaded in mm.current_loaded_models)
+    assert all(p.device == runner.patcher.offload_device for p in runner.adapter.parameters())
+    torch.testing.assert_close(concept_delta(), first, rtol=0, atol=0)
