@@ -4,7 +4,7 @@ memory of a FLUX.1 model with concepts applied ("patched") over the stock model
 
 Hosts:
 * ``--host comfy``: a FLUX.1 built inside a real ComfyUI checkout through its own
-  model config (``comfy.supported_models.Flux``) and ``ModelPatcher``; patched =
+  model config (derived by its own detection, as its loader would) and ``ModelPatcher``; patched =
   ``apply_concepts`` (object patches + DIFFUSION_MODEL wrapper). Timed through real
   sampling: ``comfy.sample.sample`` (euler, simple, cfg 1.0) under
   ``torch.inference_mode`` as ComfyUI's executor runs it. s/step = time between the
@@ -168,7 +168,6 @@ class ComfyBench:
         import comfy.model_management  # noqa: F401
         import comfy.model_patcher
         import comfy.sample
-        import comfy.supported_models
 
         from mod_adapter.modules.comfy_flux_host import ComfyConcept, apply_concepts
 
@@ -177,15 +176,17 @@ class ComfyBench:
         self.args, self.device, self.dtype = args, device, dtype
         cfg = model_config(args)
         self.cfg = cfg
-        comfy_cfg = dict(image_model="flux", in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-                         vec_in_dim=cfg["vec_dim"], context_in_dim=cfg["context_dim"], hidden_size=cfg["hidden_size"],
-                         mlp_ratio=cfg["mlp_ratio"], num_heads=cfg["num_heads"], depth=cfg["double_blocks"],
-                         depth_single_blocks=cfg["single_blocks"], axes_dim=AXES_DIM, theta=10000, patch_size=2,
-                         qkv_bias=True, guidance_embed=True)
+        # The tests' builder makes the model as this ComfyUI's own loader would (its detection fills
+        # every field the version has, e.g. 0.33.0's txt_ids_dims).
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from tiny_comfy import comfy_flux_model, flux_unet_config
+
+        comfy_cfg = flux_unet_config(vec_in_dim=cfg["vec_dim"], context_in_dim=cfg["context_dim"],
+                                     hidden_size=cfg["hidden_size"], mlp_ratio=cfg["mlp_ratio"],
+                                     num_heads=cfg["num_heads"], depth=cfg["double_blocks"],
+                                     depth_single_blocks=cfg["single_blocks"], axes_dim=AXES_DIM)
         self.host_config = comfy_cfg
-        model_cfg = comfy.supported_models.Flux(dict(comfy_cfg))
-        model_cfg.set_inference_dtype(dtype, None)
-        model = model_cfg.get_model({}, device=device)  # ComfyUI's ops leave the weights uninitialised
+        model = comfy_flux_model(comfy_cfg, dtype, device)  # ComfyUI's ops leave the weights uninitialised
         fill_random(model.diffusion_model, device, args.seed)
         # load and offload device alike: switching between the stock and the patched clone moves no weights.
         self.base = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

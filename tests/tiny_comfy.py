@@ -105,7 +105,7 @@ def flux_unet_config(*, vec_in_dim: int, context_in_dim: int, hidden_size: int, 
     return config
 
 
-def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32):
+def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32, device="cpu"):
     """An uninitialised ComfyUI FLUX.1 BaseModel from a unet config, through the version's own model config class."""
     import comfy.model_detection
 
@@ -113,7 +113,7 @@ def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32):
     if model_config is None:
         raise RuntimeError(f"This ComfyUI has no model config for {config}")
     model_config.set_inference_dtype(dtype, None)
-    return model_config.get_model({}, device="cpu")
+    return model_config.get_model({}, device=device)
 
 
 def tiny_flux_model(seed: int = 0):

@@ -1,0 +1,159 @@
+"""The pack in ComfyUI's real web frontend (headless Chromium), as an artist meets it.
+
+A ComfyUI server (COMFYUI_PATH) runs with the pack installed and, in its
+models/ and input/ folders, a stand-in file for every file the example
+workflows name (the frontend checks names, not contents). Each workflow is
+dropped onto the canvas as a file drop would deliver it; the graph the
+frontend built must have every node type registered, every widget value and
+every link of the JSON, and no error outline. The node search must find every
+pack node. A screenshot of each loaded workflow goes to out/browser/ (or
+$MOD_ADAPTER_TEST_ARTIFACTS).
+
+Needs Playwright for Python and Debian's Chromium (`/usr/bin/chromium`, or
+$CHROMIUM); `.ci/run` installs both. Never `playwright install`: nothing is
+downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from comfy_server import REPO, concept_png, copy_pack, running_comfyui
+from test_workflows import PACK_NODE_IDS, WORKFLOW_FILES, load_workflow
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# As the machine's own probe starts it: no sandbox as root, no GPU, and no background traffic
+# to Google's hosts (this machine has no network).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("MOD_ADAPTER_TEST_ARTIFACTS", REPO / "out" / "browser"))
+# Which models/ folder (or input/) each file-naming widget of the example workflows reads.
+FILE_FOLDERS = {"UNETLoader": "models/diffusion_models", "DualCLIPLoader": "models/text_encoders",
+                "VAELoader": "models/vae", "CLIPVisionLoader": "models/clip_vision",
+                "ModAdapterLoader": "models/mod_adapter", "ModAdapterLoadConcept": "models/mod_concepts",
+                "LoadImage": "input"}
+FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".png", ".jpg")
+
+
+def _stand_in_files(base: Path) -> None:
+    for path in WORKFLOW_FILES:
+        for node in load_workflow(path)["nodes"]:
+            for value in node.get("widgets_values") or []:
+                if isinstance(value, str) and value.endswith(FILE_SUFFIXES):
+                    target = base / FILE_FOLDERS[node["type"]] / value
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if value.endswith(".png"):
+                        concept_png(target, seed=len(value))
+                    else:
+                        target.write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def frontend(comfyui, tmp_path_factory):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
+                                   "(pip install playwright; Chromium from Debian's package 'chromium')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+    base = tmp_path_factory.mktemp("comfy_browser")
+    copy_pack(base / "custom_nodes" / "Mod-Adapter")
+    _stand_in_files(base)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no first-run template dialog
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.mkdir(parents=True)
+    with running_comfyui(base) as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield server, browser
+        finally:
+            browser.close()
+
+
+def open_comfyui(frontend):
+    server, browser = frontend
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(server.url)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.app.vueAppReady",
+                           timeout=120_000)
+    page.evaluate("() => { window.app.graph.clear(); window.app.canvas.setDirty(true, true); }")
+    return page
+
+
+def drop_workflow(page, path: Path) -> None:
+    """What dragging the file from a file manager onto the canvas does: a drop event with the file in it."""
+    page.evaluate("""([name, text]) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([text], name, {type: 'application/json'}));
+        const canvas = document.querySelector('#graph-canvas');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            canvas.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", [path.name, path.read_text()])
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
+    workflow = load_workflow(path)
+    page = open_comfyui(frontend)
+    try:
+        drop_workflow(page, path)
+        page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(workflow["nodes"]), timeout=30_000)
+        page.wait_for_timeout(1500)  # let the frontend draw and validate the graph
+        page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+        loaded = page.evaluate("""() => {
+            const graph = window.app.graph;
+            return {
+                unregistered: graph.nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
+                with_errors: graph.nodes.filter(n => n.has_errors).map(n => `${n.id} ${n.type}`),
+                serialized: graph.serialize(),
+                page_text: document.body.innerText,
+            };
+        }""")
+    finally:
+        page.close()
+
+    assert loaded["unregistered"] == [], f"missing node types: {loaded['unregistered']}"
+    assert loaded["with_errors"] == [], f"nodes outlined as errors: {loaded['with_errors']}"
+    assert "errors found" not in loaded["page_text"] and "error found" not in loaded["page_text"]
+    by_id = {n["id"]: n for n in loaded["serialized"]["nodes"]}
+    assert set(by_id) == {n["id"] for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        seen = by_id[node["id"]]
+        assert seen["type"] == node["type"]
+        # A node without widgets is saved with or without an empty list, depending on the frontend's version.
+        assert (seen.get("widgets_values") or []) == (node.get("widgets_values") or []), f"node {node['id']} ({node['type']})"
+    links = {tuple(link[:5]) for link in workflow["links"]}
+    seen_links = {tuple(link[:5]) for link in loaded["serialized"]["links"]}
+    assert seen_links == links
+
+
+def test_the_node_search_finds_every_pack_node(frontend):
+    server, _ = frontend
+    names = {server.object_info[node_id]["display_name"] for node_id in PACK_NODE_IDS}
+    page = open_comfyui(frontend)
+    try:
+        search_box_open = "() => !!(document.activeElement && document.activeElement.closest('.p-dialog'))"
+        for _ in range(5):  # a double click on the empty canvas opens ComfyUI's node search box
+            page.wait_for_timeout(500)  # the canvas takes its first clicks only once it has settled
+            page.mouse.dblclick(800, 600)
+            if page.evaluate(search_box_open):
+                break
+        assert page.evaluate(search_box_open), "a double click on the canvas did not open the node search box"
+        page.keyboard.type("Mod-Adapter", delay=10)
+        page.wait_for_function("(n) => document.querySelectorAll('[role=option]').length >= n", arg=len(names),
+                               timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "node_search.png"))
+        options = page.evaluate("() => Array.from(document.querySelectorAll('[role=option]')).map(e => e.innerText)")
+    finally:
+        page.close()
+    titles = [option.strip().splitlines()[0].strip() for option in options if option.strip()]
+    found = names & set(titles)
+    assert found == names, f"not found by the search: {sorted(names - found)}; options: {titles}"
