@@ -56,7 +56,8 @@ class ModAdapterLoader(io.ComfyNode):
                                tooltip="Adapter checkpoint in models/mod_adapter (or a folder named 'mod_adapter' "
                                        "in extra_model_paths.yaml)."),
             ],
-            outputs=[ModAdapterSocket.Output(display_name="MOD_ADAPTER")],
+            outputs=[ModAdapterSocket.Output(display_name="MOD_ADAPTER", tooltip="The loaded adapter: connect it to every "
+                                              "Predictor. ComfyUI loads and offloads it like a model.")],
         )
 
     @classmethod

@@ -68,7 +68,8 @@ class ModAdapterConceptEncoder(io.ComfyNode):
                               "Image tokens outside it are ignored."),
             ],
             outputs=[
-                ConceptEmbedsSocket.Output(display_name="CONCEPT_EMBEDS"),
+                ConceptEmbedsSocket.Output(display_name="CONCEPT_EMBEDS", tooltip="The concept image's tokens and its "
+                                            "word, for one Predictor."),
                 io.Image.Output(display_name="encoder_view", tooltip="Exactly what the image encoder saw "
                                 "(crop, resize; masked-out areas dimmed)."),
             ],

@@ -53,7 +53,8 @@ class ModAdapterLoadConcept(io.ComfyNode):
                                tooltip="Multiplies the strength stored in the file."),
                 ConceptsSocket.Input("concepts", optional=True, tooltip="Concepts to chain onto."),
             ],
-            outputs=[ConceptsSocket.Output(display_name="CONCEPTS")],
+            outputs=[ConceptsSocket.Output(display_name="CONCEPTS", tooltip="The chain with this concept added: "
+                                           "connect it to Modulation Apply (or to more concepts).")],
         )
 
     @classmethod

@@ -135,9 +135,14 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Int.Input("stage1_steps", default=800, min=0, max=20000,
                              tooltip="Steps of stage 1: one global direction per word (paper: 800). The rest add "
                                      "per-block offsets."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4,
-                               tooltip="Adam learning rate of the directions."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Same seed, same result."),
+                # step and round 1e-6: the frontend rounds to the step's decimals (1e-4 made 5e-5 into 1e-4)
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-6, round=1e-6,
+                               tooltip="Adam learning rate of the directions (down to 0.000001). If the loss "
+                                       "diverges, lower it."),
+                # No "control after generate": the frontend would re-seed (and so re-learn) on every Run.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Same seed, same result: the seed stays as set, so running the graph again "
+                                     "reuses the learned concepts instead of learning again."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Images are resized and centre-cropped to this square size."),
                 io.Float.Input("stage1_t_min", default=0.8, min=0.0, max=1.0, step=0.01,
@@ -153,7 +158,8 @@ class ModAdapterLearnConcept(io.ComfyNode):
                                              "a few refinement steps then suffice."),
             ],
             outputs=[
-                ConceptsSocket.Output(display_name="CONCEPTS"),
+                ConceptsSocket.Output(display_name="CONCEPTS", tooltip="One learned concept per word: connect them to "
+                                      "Modulation Apply, or save them with Save Concept."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss per step."),
             ],
         )

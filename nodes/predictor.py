@@ -65,7 +65,9 @@ class ModAdapterPredictor(io.ComfyNode):
                 ConceptsSocket.Input("concepts", optional=True, tooltip="Concepts to chain onto (e.g. from "
                                      "another Predictor or Load Concept)."),
             ],
-            outputs=[ConceptsSocket.Output(display_name="CONCEPTS")],
+            outputs=[ConceptsSocket.Output(display_name="CONCEPTS", tooltip="The chain with this concept added "
+                                              "(predicted when applied or saved): connect it to Modulation Apply "
+                                              "or to the next Predictor.")],
         )
 
     @classmethod

@@ -149,6 +149,9 @@ def test_object_info_lists_the_pack_beside_comfyui_core_nodes(server):
     assert advanced["start_percent"][1]["min"] == 0.0 and advanced["end_percent"][1]["max"] == 1.0
     assert advanced["occurrence"][0] == "INT"
     assert info["ModAdapterSaveConcept"]["output_node"] is True
+    learn = info["ModAdapterLearnConcept"]["input"]["required"]
+    assert learn["seed"][1]["control_after_generate"] is False  # the frontend would re-seed on every Run
+    assert learn["learning_rate"][1]["min"] <= 1e-6 and learn["learning_rate"][1]["round"] <= 1e-6
     assert info["ModAdapterLoadConcept"]["input"]["required"]["concept_name"][0] == "COMBO"
 
 

@@ -61,6 +61,17 @@ def test_every_node_has_tooltips_and_ids_and_categories_of_the_pack(comfy_env):
         assert schema.node_id.startswith("ModAdapter") and schema.category.startswith("mod_adapter")
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        for out in schema.outputs:
+            assert out.tooltip, f"{schema.node_id} output {out.display_name} has no tooltip"
+
+
+def test_learn_concept_keeps_its_seed_and_takes_small_learning_rates(comfy_env):
+    schema = comfy_env["nodes"].ModAdapterLearnConcept.define_schema()
+    inputs = {inp.id: inp for inp in schema.inputs}
+    # The frontend adds "control after generate: randomize" to an INT named seed unless told otherwise.
+    assert inputs["seed"].as_dict()["control_after_generate"] is False
+    rate = inputs["learning_rate"].as_dict()
+    assert rate["min"] <= 1e-6 and rate["step"] <= 1e-6 and rate["round"] <= 1e-6
 
 
 def test_loader_lists_and_loads_adapters_and_refuses_other_files(comfy_env):
