@@ -363,7 +363,7 @@ def _add_training_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mod-adapter",
-        description="Mod-Adapter for FLUX.1: inspect adapter checkpoints and concept files, learn concepts by "
+        description="Mod-Adapter for ComfyUI: inspect adapter checkpoints and concept files, learn concepts by "
                     "tuning, and prepare data for and train an adapter (see docs/training.md).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

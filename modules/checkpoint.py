@@ -113,7 +113,7 @@ def _parse_metadata(path, metadata: Dict[str, str]) -> Dict[str, Any]:
                      "Load it with the node meant for that kind of file, or pick a Mod-Adapter checkpoint.")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise _error(path, f"its format_version is {metadata.get('format_version')!r}; this version of the pack reads version {FORMAT_VERSION!r}",
-                     "Update the Mod-Adapter pack (a newer checkpoint) or re-save the checkpoint with this version.")
+                     "Update Mod-Adapter for ComfyUI (a newer checkpoint) or re-save the checkpoint with this version.")
     if missing:
         raise _error(path, f"its metadata lacks {', '.join(missing)}")
     parsed: Dict[str, Any] = {"format": metadata["format"], "format_version": metadata["format_version"], "base_model": metadata["base_model"]}

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..modules.checkpoint import load_adapter_checkpoint
-from .model_folders import ADAPTER_FOLDER
+from .model_folders import ADAPTER_FOLDER, missing_file_error
 from .sockets import CATEGORY, ModAdapterSocket
 
 
@@ -59,6 +59,10 @@ class ModAdapterLoader(io.ComfyNode):
             outputs=[ModAdapterSocket.Output(display_name="MOD_ADAPTER", tooltip="The loaded adapter: connect it to every "
                                               "Predictor. ComfyUI loads and offloads it like a model.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=None):
+        return missing_file_error(ADAPTER_FOLDER, adapter_name, "The adapter file") or True
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:

@@ -17,9 +17,23 @@ EXTENSIONS = {".safetensors"}
 
 def register_model_folders() -> None:
     for name in (ADAPTER_FOLDER, CONCEPT_FOLDER):
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        default = os.path.join(folder_paths.models_dir, name)
+        folder_paths.add_model_folder_path(name, default)
         paths, _ = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(EXTENSIONS))
+        try:  # so that the artist finds where to put the files, as ComfyUI's own models/ folders are there
+            os.makedirs(default, exist_ok=True)
+        except OSError:  # a read-only models folder: the files can still come from extra_model_paths.yaml
+            pass
+
+
+def missing_file_error(name: str, filename, what: str):
+    """None when `filename` is listed in the pack folder `name`, else the message for queue-time validation
+    (ComfyUI outlines the node red and lists the message before anything runs)."""
+    if filename is None or filename in folder_paths.get_filename_list(name):
+        return None
+    return (f"{what} {filename!r} is not in models/{name} (nor in a '{name}' folder of extra_model_paths.yaml). "
+            f"Put the file there and refresh (R), or pick one that is there.")
 
 
 def default_folder(name: str) -> str:

@@ -7,7 +7,9 @@ dropped onto the canvas as a file drop would deliver it; the graph the
 frontend built must have every node type registered, every widget value and
 every link of the JSON, and no error outline. The node search must find every
 pack node. A screenshot of each loaded workflow goes to out/browser/ (or
-$MOD_ADAPTER_TEST_ARTIFACTS).
+$MOD_ADAPTER_TEST_ARTIFACTS); with MOD_ADAPTER_WRITE_THUMBNAILS=1 the
+thumbnails beside the workflows (ComfyUI's template browser shows them) are
+made anew from them.
 
 Needs Playwright for Python and Debian's Chromium (`/usr/bin/chromium`, or
 $CHROMIUM); `.ci/run` installs both. Never `playwright install`: nothing is
@@ -29,6 +31,7 @@ from test_workflows import PACK_NODE_IDS, WORKFLOW_FILES, load_workflow
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+PACK_FOLDER = "ComfyUI-Mod-Adapter"  # as `git clone` names it (ComfyUI serves no templates from a folder with spaces)
 # As the machine's own probe starts it: no sandbox as root, no GPU, and no background traffic
 # to Google's hosts (this machine has no network).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -62,7 +65,7 @@ def frontend(comfyui, tmp_path_factory):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
     base = tmp_path_factory.mktemp("comfy_browser")
-    copy_pack(base / "custom_nodes" / "Mod-Adapter")
+    copy_pack(base / "custom_nodes" / PACK_FOLDER)
     _stand_in_files(base)
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
@@ -76,6 +79,38 @@ def frontend(comfyui, tmp_path_factory):
             yield server, browser
         finally:
             browser.close()
+
+
+# Texts the frontend would draw cut off ("Concept image: pose (an abstract con..."): a title needs room for
+# the collapse dot and padding, a file-name combo for its label, its value and both arrows. Measured
+# with the canvas's own fonts.
+CUT_OFF_TEXTS = """(() => {
+    const canvas = window.app.canvas, ctx = canvas.ctx, cut = [];
+    const width = (font, text) => { ctx.save(); ctx.font = font; const w = ctx.measureText(text).width; ctx.restore(); return w; };
+    for (const node of window.app.graph.nodes) {
+        const title = node.getTitle ? node.getTitle() : node.title;
+        if (width(canvas.title_text_font, title) + 2 * LiteGraph.NODE_TITLE_HEIGHT > node.size[0])
+            cut.push(`${node.id} title: ${title}`);
+        for (const widget of node.widgets || []) {
+            const value = String(widget.value);
+            if (widget.type !== 'combo' || !/[.](safetensors|png|jpg)$/.test(value)) continue;
+            const label = widget.label || widget.name;
+            if (width(canvas.inner_text_font, label) + width(canvas.inner_text_font, value) + 100 > node.size[0])
+                cut.push(`${node.id} ${label}: ${value}`);
+        }
+    }
+    return cut;
+})()"""
+
+
+def write_thumbnail(screenshot: Path, target: Path) -> None:
+    """The workflow as it opens, cropped to the graph (no side bar, no top bar), 640 px wide, as JPEG."""
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        graph = image.convert("RGB").crop((70, 80, 1340, 740))  # above the minimap and the status lines
+        graph.thumbnail((640, 640))
+        graph.save(target, "JPEG", quality=85, optimize=True)
 
 
 def open_comfyui(frontend):
@@ -108,6 +143,8 @@ def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
         page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(workflow["nodes"]), timeout=30_000)
         page.wait_for_timeout(1500)  # let the frontend draw and validate the graph
         page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+        if os.environ.get("MOD_ADAPTER_WRITE_THUMBNAILS"):  # regenerate the template browser's thumbnails
+            write_thumbnail(ARTIFACTS / f"{path.stem}.png", path.with_suffix(".jpg"))
         loaded = page.evaluate("""() => {
             const graph = window.app.graph;
             return {
@@ -115,12 +152,17 @@ def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
                 with_errors: graph.nodes.filter(n => n.has_errors).map(n => `${n.id} ${n.type}`),
                 serialized: graph.serialize(),
                 page_text: document.body.innerText,
+                scale: window.app.canvas.ds.scale,
+                cut_off: cutOffTexts(),
             };
-        }""")
+        }""".replace("cutOffTexts()", CUT_OFF_TEXTS))
     finally:
         page.close()
 
     assert loaded["unregistered"] == [], f"missing node types: {loaded['unregistered']}"
+    # Below about 0.6 the frontend draws nodes without text: the workflow would open as blank boxes.
+    assert loaded["scale"] >= 0.75, f"opens at zoom {loaded['scale']}"
+    assert loaded["cut_off"] == [], f"titles or file names cut off: {loaded['cut_off']}"
     assert loaded["with_errors"] == [], f"nodes outlined as errors: {loaded['with_errors']}"
     assert "errors found" not in loaded["page_text"] and "error found" not in loaded["page_text"]
     by_id = {n["id"]: n for n in loaded["serialized"]["nodes"]}
@@ -164,3 +206,19 @@ def test_the_node_search_finds_every_pack_node(frontend):
         page.close()
     found = names & set(titles)
     assert found == names, f"not found by the search: {sorted(names - found)}; options: {titles}"
+
+
+def test_the_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
+    """Templates -> the pack's folder: a card per workflow, titled by its file name, with its .jpg."""
+    server, _ = frontend
+    status, templates = server.request("/workflow_templates")
+    assert status == 200 and sorted(templates[PACK_FOLDER]) == sorted(p.stem for p in WORKFLOW_FILES)
+    page = open_comfyui(frontend)
+    try:
+        for name in templates[PACK_FOLDER]:
+            for suffix, kind in ((".json", "application/json"), (".jpg", "image/jpeg")):
+                # what a template card fetches (ComfyUI serves them by the pack's folder name)
+                response = page.request.get(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{name}{suffix}")
+                assert response.ok and response.headers["content-type"].startswith(kind), (name, suffix, response.status)
+    finally:
+        page.close()

@@ -143,7 +143,7 @@ def test_nan_weight_is_refused(saved):
 def test_unknown_version_and_format_are_refused(saved):
     path, _ = saved
     _rewrite(path, metadata=lambda m: m.__setitem__("format_version", "2"))
-    _expect_refusal(path, r"format_version is '2'.*Update the Mod-Adapter pack")
+    _expect_refusal(path, r"format_version is '2'.*Update Mod-Adapter for ComfyUI")
     _rewrite(path, metadata=lambda m: m.__setitem__("format", "lora"))
     _expect_refusal(path, r"format is 'lora', not 'mod-adapter'")
 

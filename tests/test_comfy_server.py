@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from comfy_server import concept_png, copy_pack, running_comfyui
-from test_workflows import PACK_NODE_IDS, WORKFLOWS_DIR, load_workflow, ui_to_api
+from test_workflows import (MULTI_CONCEPT, PACK_NODE_IDS, SAVED_CONCEPTS, SINGLE_CONCEPT, WORKFLOWS_DIR, load_workflow,
+                            ui_to_api)
 
 PACK_FOLDER = "Mod Adapter-pack"  # spaces and a dash: ComfyUI must cope with any folder name
 TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"
@@ -156,7 +157,7 @@ def test_object_info_lists_the_pack_beside_comfyui_core_nodes(server):
 
 
 def test_single_concept_workflow_runs_end_to_end(server):
-    workflow = tiny_workflow("single_concept.json", prefix="single/concept")
+    workflow = tiny_workflow(SINGLE_CONCEPT, prefix="single/concept")
     prompt = ui_to_api(workflow, server.object_info)
     assert {n["class_type"] for n in prompt.values()} >= {"ModAdapterLoader", "ModAdapterConceptEncoder",
                                                           "ModAdapterPredictor", "ModAdapterModulationApply"}
@@ -167,18 +168,18 @@ def test_single_concept_workflow_runs_end_to_end(server):
     (preview_id,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
     (preview,) = server.image_files(entry, preview_id)
     assert read_png(preview).shape == (224, 224, 3)  # what the tiny CLIP vision model saw
-    print(f"single_concept.json ran in {time.monotonic() - started:.1f} s")
+    print(f"{SINGLE_CONCEPT} ran in {time.monotonic() - started:.1f} s")
 
 
 def test_bypassing_modulation_apply_gives_exactly_the_plain_flux_image(server):
-    text = node_of(load_workflow(WORKFLOWS_DIR / "single_concept.json"), "ModAdapterModulationApply")[
+    text = node_of(load_workflow(WORKFLOWS_DIR / SINGLE_CONCEPT), "ModAdapterModulationApply")[
         "widgets_values"][0]
 
-    with_apply = tiny_workflow("single_concept.json", prefix="bypass/with_apply")
+    with_apply = tiny_workflow(SINGLE_CONCEPT, prefix="bypass/with_apply")
     node_of(with_apply, "ModAdapterPredictor")["widgets_values"] = [3.0]  # a random tiny model reacts weakly
     prompt_a = ui_to_api(with_apply, server.object_info)
 
-    bypassed = tiny_workflow("single_concept.json", prefix="bypass/bypassed")
+    bypassed = tiny_workflow(SINGLE_CONCEPT, prefix="bypass/bypassed")
     apply = node_of(bypassed, "ModAdapterModulationApply")
     apply["mode"] = 4  # Ctrl+B in the frontend
     prompt_b = ui_to_api(bypassed, server.object_info)
@@ -199,19 +200,22 @@ def test_bypassing_modulation_apply_gives_exactly_the_plain_flux_image(server):
 
 
 def test_multi_concept_workflow_saves_the_files_that_saved_concepts_workflow_loads(server):
-    multi = tiny_workflow("multi_concept.json", prefix="multi/concepts", image=None)
+    multi = tiny_workflow(MULTI_CONCEPT, prefix="multi/concepts", image=None)
     assert sorted(n["widgets_values"][0] for n in multi["nodes"] if n["type"] == "LoadImage") == [
         "dog.png", "lighting.png", "pose.png"]
-    server.run(ui_to_api(multi, server.object_info))
+    prompt = ui_to_api(multi, server.object_info)
+    entry = server.run(prompt)
     concepts = server.base / "models" / "mod_concepts"
     assert sorted(os.listdir(concepts)) == ["my_concepts_dog_00001.safetensors",
                                             "my_concepts_lighting_00001.safetensors",
                                             "my_concepts_pose_00001.safetensors"]
+    (save_id,) = [i for i, n in prompt.items() if n["class_type"] == "ModAdapterSaveConcept"]
+    assert sorted(entry["outputs"][save_id]["text"]) == sorted(os.listdir(concepts))  # what the node shows
 
     status, info = server.request("/object_info/ModAdapterLoadConcept")
     assert status == 200
     options = info["ModAdapterLoadConcept"]["input"]["required"]["concept_name"][1]["options"]
-    saved = tiny_workflow("saved_concepts.json", prefix="saved/concepts")
+    saved = tiny_workflow(SAVED_CONCEPTS, prefix="saved/concepts")
     names = [n["widgets_values"][0] for n in saved["nodes"] if n["type"] == "ModAdapterLoadConcept"]
     assert set(names) <= set(options), (names, options)
     prompt = ui_to_api(saved, server.object_info)
@@ -219,3 +223,20 @@ def test_multi_concept_workflow_saves_the_files_that_saved_concepts_workflow_loa
     text = node_of(saved, "ModAdapterModulationApplyAdvanced")["widgets_values"][0]
     plain = plain_flux_prompt(text, prefix="saved/plain")
     assert not np.array_equal(image, saved_image(server, plain, server.run(plain)))
+
+
+def test_missing_adapter_and_concept_files_are_refused_when_queued(server):
+    single = tiny_workflow(SINGLE_CONCEPT)
+    node_of(single, "ModAdapterLoader")["widgets_values"] = ["not_there.safetensors"]
+    saved = tiny_workflow(SAVED_CONCEPTS)
+    for node in saved["nodes"]:
+        if node["type"] == "ModAdapterLoadConcept":
+            node["widgets_values"][0] = "not_there_dog_00001.safetensors"
+    for workflow, kind in ((single, "ModAdapterLoader"), (saved, "ModAdapterLoadConcept")):
+        # 400 when nothing can run; 200 when other outputs (the encoder's preview) still can: either way the
+        # node carries the error, which the frontend outlines in red before anything runs.
+        status, answer = server.request("/prompt", {"prompt": ui_to_api(workflow, server.object_info)})
+        assert status in (200, 400), answer
+        errors = [e for node in answer["node_errors"].values() if node["class_type"] == kind for e in node["errors"]]
+        assert errors and all("is not in models/mod_" in (e["message"] + e.get("details", "")) for e in errors), answer
+

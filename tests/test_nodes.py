@@ -181,10 +181,12 @@ def test_saved_concepts_reload_and_give_the_same_image(comfy_env):
     nodes, flux, clip = comfy_env["nodes"], comfy_env["flux"], comfy_env["clip"]
     chained = predict(comfy_env, encode(comfy_env, "lighting", seed=3)[0],
                       concepts=predict(comfy_env, encode(comfy_env, "dog", seed=2)[0]))
-    (saved,) = result(nodes.ModAdapterSaveConcept.execute(chained, "test/pets"))
+    output = nodes.ModAdapterSaveConcept.execute(chained, "test/pets")
+    (saved,) = result(output)
     folder = comfy_env["models"] / "mod_concepts" / "test"
     files = sorted(os.listdir(folder))
     assert files == ["pets_dog_00001.safetensors", "pets_lighting_00001.safetensors"]
+    assert output.ui == {"text": ["test/pets_dog_00001.safetensors", "test/pets_lighting_00001.safetensors"]}
     torch.testing.assert_close(load_concept(folder / files[0]).delta, saved.items[0].delta, rtol=1e-2, atol=1e-2)
 
     import folder_paths
@@ -226,3 +228,32 @@ def test_the_adapter_loads_offloads_and_reloads_through_comfyui_model_management
     assert not any(loaded.model is runner.patcher for loaded in mm.current_loaded_models)
     assert all(p.device == runner.patcher.offload_device for p in runner.adapter.parameters())
     torch.testing.assert_close(concept_delta(), first, rtol=0, atol=0)
+
+
+def test_save_concept_refuses_two_concepts_with_one_word_and_writes_nothing(comfy_env):
+    nodes = comfy_env["nodes"]
+    twice = predict(comfy_env, encode(comfy_env, "Dog", seed=5)[0], concepts=predict(comfy_env, encode(comfy_env, "dog")[0]))
+    before = sorted(os.listdir(comfy_env["models"] / "mod_concepts"))
+    with pytest.raises(ModAdapterError, match="Two concepts use the word 'Dog'"):
+        nodes.ModAdapterSaveConcept.execute(twice, "twice")
+    assert sorted(os.listdir(comfy_env["models"] / "mod_concepts")) == before
+
+
+def test_missing_adapter_and_concept_files_fail_validation_before_anything_runs(comfy_env):
+    nodes = comfy_env["nodes"]
+    assert nodes.ModAdapterLoader.validate_inputs(adapter_name="tiny.safetensors") is True
+    message = nodes.ModAdapterLoader.validate_inputs(adapter_name="gone.safetensors")
+    assert isinstance(message, str) and "'gone.safetensors' is not in models/mod_adapter" in message
+    message = nodes.ModAdapterLoadConcept.validate_inputs(concept_name="gone_dog_00001.safetensors", strength=1.0)
+    assert isinstance(message, str) and "is not in models/mod_concepts" in message
+
+
+def test_the_pack_creates_its_model_folders(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+
+    from mod_adapter.nodes.model_folders import register_model_folders
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", dict(folder_paths.folder_names_and_paths))
+    register_model_folders()
+    assert (tmp_path / "models" / "mod_adapter").is_dir() and (tmp_path / "models" / "mod_concepts").is_dir()

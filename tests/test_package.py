@@ -131,7 +131,8 @@ def test_comfy_registry_reads_the_pyproject(comfyui):
 
     config = extract_node_configuration(str(REPO))
     assert config.tool_comfy.publisher_id == "mod-adapter"
-    assert config.tool_comfy.display_name == "Mod-Adapter for FLUX.1"
+    readme_title = (REPO / "README.md").read_text().splitlines()[0].lstrip("# ").strip()
+    assert config.tool_comfy.display_name == readme_title == "Mod-Adapter for ComfyUI"  # one name for the pack
     assert config.project.name == "comfyui-mod-adapter" and config.project.urls.repository
     names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in config.project.dependencies}
     assert "open_clip_torch" in names and not names & {"torch", "torchvision", "torchaudio"}

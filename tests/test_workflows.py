@@ -21,7 +21,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS_DIR = REPO / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
-EXPECTED_WORKFLOWS = {"single_concept.json", "multi_concept.json", "saved_concepts.json"}
+# File names are the titles ComfyUI's template browser shows (Templates -> the pack's folder).
+SINGLE_CONCEPT = "One concept from one photo.json"
+MULTI_CONCEPT = "Three concepts in one image - dog pose lighting.json"
+SAVED_CONCEPTS = "Reuse saved concepts - no adapter needed.json"
+EXPECTED_WORKFLOWS = {SINGLE_CONCEPT, MULTI_CONCEPT, SAVED_CONCEPTS}
 
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -232,6 +236,17 @@ def test_the_three_example_workflows_are_there():
     assert EXPECTED_WORKFLOWS <= {p.name for p in WORKFLOW_FILES}
 
 
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_every_workflow_has_a_thumbnail_for_the_template_browser(path):
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")  # ComfyUI's template browser asks for <name>.jpg beside <name>.json
+    assert thumbnail.is_file(), f"no thumbnail {thumbnail.name}"
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.width >= 320 and image.height >= 160
+        assert max(image.convert("L").getextrema()) > 100  # not a blank card
+
+
 @pytest.fixture(params=WORKFLOW_FILES, ids=[p.name for p in WORKFLOW_FILES])
 def workflow(request):
     return load_workflow(request.param)
@@ -303,15 +318,14 @@ def test_apply_gets_the_same_prompt_and_clip_as_the_text_encoder_so_bypass_gives
 
 def test_example_specifics():
     single, multi, saved = (load_workflow(WORKFLOWS_DIR / name) for name in
-                            ("single_concept.json", "multi_concept.json", "saved_concepts.json"))
+                            (SINGLE_CONCEPT, MULTI_CONCEPT, SAVED_CONCEPTS))
     assert concept_words(single) == ["dog"] and apply_texts(single) == ["a photo of a dog playing in the snow"]
     assert concept_words(multi) == ["dog", "pose", "lighting"]
     predictors = [n for n in multi["nodes"] if n["type"] == "ModAdapterPredictor"]
     chained = [input_source(multi, p, "concepts") for p in predictors]
     assert sum(source is None for source in chained) == 1, "the Predictors form one chain"
     assert [n["widgets_values"][0] for n in multi["nodes"] if n["type"] == "ModAdapterSaveConcept"] == ["my_concepts"]
-    for name in ("single_concept", "multi_concept"):
-        workflow = single if name == "single_concept" else multi
+    for workflow in (single, multi):
         assert [n["type"] for n in workflow["nodes"]].count("Note") == 1
     loaded = [n for n in saved["nodes"] if n["type"] == "ModAdapterLoadConcept"]
     assert len(loaded) == 2
