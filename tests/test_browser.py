@@ -222,3 +222,26 @@ def test_the_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
                 assert response.ok and response.headers["content-type"].startswith(kind), (name, suffix, response.status)
     finally:
         page.close()
+
+
+def test_learn_concept_keeps_its_seed_and_a_small_learning_rate_in_the_frontend(frontend):
+    page = open_comfyui(frontend)
+    try:
+        seen = page.evaluate("""() => {
+            const node = LiteGraph.createNode('ModAdapterLearnConcept');
+            window.app.graph.add(node);
+            const rate = node.widgets.find(w => w.name === 'learning_rate');
+            const shown = [];
+            for (const typed of [0.00005, 0.000001]) {   // what typing the value into the widget does
+                rate.value = typed;
+                rate.callback?.call(rate, typed, window.app.canvas, node);
+                shown.push(rate.value);
+            }
+            return {names: node.widgets.map(w => w.name), rates: shown, precision: rate.options.precision};
+        }""")
+    finally:
+        page.close()
+    # No "control after generate" widget: the frontend would otherwise re-seed, and so re-learn, on every Run.
+    assert "control_after_generate" not in seen["names"] and "seed" in seen["names"]
+    assert seen["rates"] == [0.00005, 0.000001]
+    assert seen["precision"] >= 6  # drawn as 0.000050, not 0.0001

@@ -471,3 +471,21 @@ def test_the_pack_finds_every_concept_word_in_the_prompt_as_flux_tokenizes_it(wo
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# Loader -> the models/ folder its files live in (what ComfyUI's Missing Models dialog downloads into).
+MODEL_FOLDERS = {"UNETLoader": "diffusion_models", "DualCLIPLoader": "text_encoders", "VAELoader": "vae",
+                 "CLIPVisionLoader": "clip_vision"}
+
+
+def test_every_model_file_carries_its_download_source(workflow):
+    """As ComfyUI's own templates do (node properties.models), so the Missing Models dialog offers each file."""
+    for node in workflow["nodes"]:
+        if node["type"] not in MODEL_FOLDERS:
+            continue
+        files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        sources = {m["name"]: m for m in node["properties"].get("models", [])}
+        assert files and set(files) == set(sources), f"node {node['id']} ({node['type']}): {files} vs {sources}"
+        for name in files:
+            assert sources[name]["directory"] == MODEL_FOLDERS[node["type"]]
+            assert sources[name]["url"].startswith("https://huggingface.co/") and "/resolve/" in sources[name]["url"]
