@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from comfy_server import REPO, concept_png, copy_pack, running_comfyui
-from test_workflows import PACK_NODE_IDS, WORKFLOW_FILES, load_workflow
+from test_workflows import PACK_NODE_IDS, SINGLE_CONCEPT, WORKFLOW_FILES, WORKFLOWS_DIR, load_workflow
 
 pytestmark = pytest.mark.browser
 
@@ -245,3 +245,23 @@ def test_learn_concept_keeps_its_seed_and_a_small_learning_rate_in_the_frontend(
     assert "control_after_generate" not in seen["names"] and "seed" in seen["names"]
     assert seen["rates"] == [0.00005, 0.000001]
     assert seen["precision"] >= 6  # drawn as 0.000050, not 0.0001
+
+
+def test_the_missing_models_panel_offers_the_clip_vision_download(frontend):
+    server, _ = frontend
+    stand_in = server.base / "models" / "clip_vision" / "clip-vit-large-patch14.safetensors"
+    stand_in.unlink()
+    page = open_comfyui(frontend)
+    try:
+        drop_workflow(page, WORKFLOWS_DIR / SINGLE_CONCEPT)
+        page.wait_for_timeout(2000)
+        details = page.get_by_text("View details")  # ComfyUI 0.33's error overlay; 0.3.64 opens a dialog at once
+        if details.count():
+            details.first.click()
+            page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "missing_models.png"))
+        text = page.evaluate("() => document.body.innerText")
+    finally:
+        page.close()
+        stand_in.write_bytes(b"")
+    assert "Missing Models" in text and "clip-vit-large-patch14.safetensors" in text and "Download" in text, text[-2000:]
