@@ -177,13 +177,19 @@ def _validate_against_weights(path, parsed: Dict[str, Any], shapes: Dict[str, Tu
         raise _error(path, f"its parameter_count metadata says {parsed['parameter_count']} but the weights hold {counted} parameters")
 
 
+# The dtypes docs/formats.md allows for adapter weights (the router centroids are always F32).
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+
 def _read_and_validate_header(path):
     metadata, tensors = read_safetensors_header(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError)
     parsed = _parse_metadata(path, metadata)
     shapes = {name: tuple(shape) for name, (_, shape) in tensors.items()}
     for name, (dtype, _) in tensors.items():
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise _error(path, f"tensor {name!r} has dtype {dtype}; adapter weights must be floating point (F32, F16, BF16)")
+        if dtype not in WEIGHT_DTYPES:
+            kind = "fp8" if dtype.startswith("F8") else "F64" if dtype == "F64" else "not floating point"
+            raise _error(path, f"tensor {name!r} is stored as {dtype} ({kind}); the adapter format holds F32, F16 or "
+                               f"BF16 weights only: re-save the checkpoint in one of those")
     _validate_against_weights(path, parsed, shapes)
     return parsed, tensors
 

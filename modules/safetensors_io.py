@@ -65,6 +65,9 @@ _LENGTH_FIELD_BYTES = 8
 _METADATA_KEY = "__metadata__"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_OPCODE = 0x80  # first byte of every pickle of protocol >= 2
+# Opcodes a protocol 0 or 1 pickle of a state dict, tensor or object starts with (MARK, GLOBAL,
+# EMPTY_DICT/LIST/TUPLE, DICT, LIST, INT/LONG/FLOAT, STRING/UNICODE, NONE, BININT*, BINSTRING*, BINFLOAT).
+_PROTOCOL_0_1_FIRST_OPCODES = {bytes([c]) for c in b"(c}])dlILFSVNJKMTUG"}
 
 HeaderTensors = Dict[str, Tuple[str, Tuple[int, ...]]]
 
@@ -101,20 +104,22 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _looks_like_pickle(head: bytes, file_size: int) -> bool:
-    """True for a pickle (protocol >= 2) or a zip archive (torch.save's format).
+def _looks_like_pickle(head: bytes, file_size: int, last_byte: bytes = b"") -> bool:
+    """True for a pickle (any protocol) or a zip archive (torch.save's format).
 
     The first byte of a safetensors file is the low byte of the header length,
     so 0x80 there is also a valid safetensors start (a 128-, 384-, ... byte
     header). A start that reads as a plausible safetensors header followed by
-    '{' is therefore never taken for a pickle.
+    '{' is therefore never taken for a pickle. Protocol 0 and 1 pickles have no
+    marker: they start with an opcode and end with STOP ('.').
     """
     if len(head) == _LENGTH_FIELD_BYTES + 1:
         (header_length,) = struct.unpack("<Q", head[:_LENGTH_FIELD_BYTES])
         if 0 < header_length <= MAX_HEADER_BYTES and _LENGTH_FIELD_BYTES + header_length <= file_size and head[8:9] == b"{":
             return False
     is_pickle = len(head) >= 2 and head[0] == _PICKLE_PROTOCOL_OPCODE and 2 <= head[1] <= 5
-    return is_pickle or head.startswith(_ZIP_MAGIC)
+    is_old_pickle = head[:1] in _PROTOCOL_0_1_FIRST_OPCODES and last_byte == b"."
+    return is_pickle or is_old_pickle or head.startswith(_ZIP_MAGIC)
 
 
 def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
@@ -131,7 +136,11 @@ def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
         file_size = os.path.getsize(path)
         with open(path, "rb") as handle:
             head = handle.read(_LENGTH_FIELD_BYTES + 1)
-            if _looks_like_pickle(head, file_size):
+            last_byte = b""
+            if file_size:
+                handle.seek(file_size - 1)
+                last_byte = handle.read(1)
+            if _looks_like_pickle(head, file_size, last_byte):
                 raise refuse.error(
                     "this is a PyTorch pickle (.pt/.ckpt/.bin) file; only safetensors is loaded, "
                     "never pickle, because unpickling a file can run arbitrary code",

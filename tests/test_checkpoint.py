@@ -186,7 +186,7 @@ class _CreatesMarkerWhenUnpickled:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("protocol", [0, 1, 2, pickle.HIGHEST_PROTOCOL])
 def test_pickle_renamed_to_safetensors_is_refused_without_running_it(tmp_path, protocol):
     marker = tmp_path / "unpickled.marker"
     path = tmp_path / "adapter.safetensors"
@@ -195,7 +195,7 @@ def test_pickle_renamed_to_safetensors_is_refused_without_running_it(tmp_path, p
     probe = tmp_path / "probe.marker"
     pickle.loads(pickle.dumps(_CreatesMarkerWhenUnpickled(probe), protocol=protocol)).close()
     assert probe.exists()
-    pattern = r"pickle" if protocol >= 2 else r"not a plausible safetensors header|not a safetensors"
+    pattern = r"PyTorch pickle"
     _expect_refusal(path, pattern)
     with pytest.raises(CheckpointError):
         read_adapter_info(path)
@@ -213,3 +213,10 @@ def test_save_refuses_nan_weights_and_bad_metadata(tmp_path):
     with pytest.raises(CheckpointError, match=r"'image_proj\.weight' contains NaN or Inf"):
         save_adapter_checkpoint(tmp_path / "a.safetensors", adapter, base_model="flux1-dev", image_encoder=IMAGE_ENCODER)
     assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype, kind", [(torch.float64, "F64"), (torch.float8_e4m3fn, "fp8"), (torch.int32, "not floating point")])
+def test_weights_outside_the_documented_dtypes_are_refused_by_name(saved, dtype, kind):
+    path, _ = saved
+    _rewrite(path, tensors=lambda state: state.update({k: v.to(dtype) for k, v in state.items() if k != "router_centroids"}))
+    _expect_refusal(path, rf"is stored as \w+ \({kind}\); the adapter format holds F32, F16 or BF16 weights only")
