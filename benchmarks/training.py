@@ -214,7 +214,7 @@ def build_adapter(config, device):
 def run_stage(mode: str, stage: str, device: str, steps: int, batch: int) -> Dict[str, Any]:
     from mod_adapter.modules.diffusers_flux_host import DiffusersFluxConcepts
     from mod_adapter.modules.train_features import TextFeatureCache, vector_in_of
-    from mod_adapter.modules.train_flux import FluxTrainSettings, FluxTrainTask, TextEmbeddingCache, concept_positions, t5_layout
+    from mod_adapter.modules.train_flux import FluxTrainSettings, FluxTrainTask, TextEmbeddingCache, concept_positions, tokenizer_t5_layout
     from mod_adapter.modules.train_loop import DistributedContext, LoopConfig, run_training
     from mod_adapter.modules.train_manifest import read_manifest
     from mod_adapter.modules.train_pretrain import PretrainTask, compute_neutral_table
@@ -243,7 +243,7 @@ def run_stage(mode: str, stage: str, device: str, steps: int, batch: int) -> Dic
         neutral = compute_neutral_table(words, pipe.text_encoder, pipe.tokenizer, vector_in_of(pipe.transformer))
         settings = FluxTrainSettings(manifest=str(manifest), out="", flux="", image_encoder="", image_encoder_weights="",
                                      resolution=sizes["resolution"], max_sequence_length=sizes["max_sequence_length"])
-        positions = concept_positions(records, t5_layout(pipe.tokenizer_2, settings.max_sequence_length), str(manifest))
+        positions = concept_positions(records, tokenizer_t5_layout(pipe.tokenizer_2, settings.max_sequence_length), str(manifest))
         pipe.transformer.requires_grad_(False).enable_gradient_checkpointing()
         pipe.transformer.train()
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):

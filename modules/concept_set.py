@@ -52,7 +52,7 @@ class ConceptEmbeds:
                                   f"check the input image and the CLIP / CLIP vision models.")
 
 
-class AdapterRunner(Protocol):
+class DeltaPredictor(Protocol):
     """Runs one adapter on a batch: the ComfyUI layer implements it (device, model management)."""
 
     name: str
@@ -66,7 +66,7 @@ class AdapterRunner(Protocol):
 class PredictionRequest:
     """A concept to be predicted by `runner` when the list is resolved."""
 
-    runner: Any  # AdapterRunner
+    runner: Any  # a DeltaPredictor
     embeds: ConceptEmbeds
     neutral: torch.Tensor  # (D_mod,) = FLUX vector_in(word_pooled)
     strength: float = 1.0

@@ -1,6 +1,6 @@
 """Learn a concept's Δ directions by tuning (TokenVerse mode), independent of the host.
 
-TokenVerse (arXiv 2501.12224; DESIGN.md §1) optimises, for one concept image
+TokenVerse (arXiv 2501.12224) optimises, for one concept image
 and its caption, the modulation directions of the caption's concept words with
 the ordinary FLUX flow-matching denoising loss:
 
@@ -59,7 +59,7 @@ class LearningDivergedError(ModAdapterError):
 class LearnConfig:
     """Settings of one TokenVerse-style learning run.
 
-    Paper numbers (TokenVerse, DESIGN.md §1): steps 1400 = 800 + 600, the
+    Paper numbers (TokenVerse, arXiv 2501.12224): steps 1400 = 800 + 600, the
     stage timestep ranges and their 0.92 probability. Our choices (the
     paper gives none we can cite): Adam with lr 1e-3 for the global direction
     and the per-block offsets, gradient-norm clipping at 1.0, horizontal flips
@@ -117,10 +117,6 @@ class LearnConfig:
             raise fail(f"min_sigma must be in [0, 1), got {self.min_sigma!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise fail(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
-
-    @property
-    def stage2_steps(self) -> int:
-        return max(0, self.steps - self.stage1_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -210,7 +210,7 @@ def load_concept_images(paths: Sequence[str], resolution: int) -> Tuple[torch.Te
 
 
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, device) -> torch.Tensor:
+def vae_encode_pixels(vae, pixels: torch.Tensor, device) -> torch.Tensor:
     """VAE-encode pixels in [-1, 1] into FLUX's normalised latent space (float32).
 
     Uses the mean of the latent distribution, not a sample, so the learning
@@ -443,8 +443,8 @@ def learn_concept_files(
     pipe = load_flux_pipeline(source, run_dtype)
     prompt_embeds, pooled = encode_caption(pipe, caption, run_device, max_sequence_length)
     pipe.vae.to(run_device)
-    latents = encode_images(pipe.vae, pixels, run_device)
-    flipped_latents = encode_images(pipe.vae, pixels.flip(-1), run_device)
+    latents = vae_encode_pixels(pipe.vae, pixels, run_device)
+    flipped_latents = vae_encode_pixels(pipe.vae, pixels.flip(-1), run_device)
     transformer = pipe.transformer
     del pipe  # the text encoders and the VAE are not needed any more
     gc.collect()

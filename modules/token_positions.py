@@ -505,7 +505,7 @@ _PLURAL_ES_ENDINGS = ("s", "x", "z", "ch", "sh", "o")
 _VOWELS = "aeiou"
 
 
-def _concept_pattern(words: List[str], *, plurals: bool, word_boundaries: bool, flags: int) -> "re.Pattern[str]":
+def concept_word_pattern(words: List[str], *, plurals: bool, word_boundaries: bool, flags: int) -> "re.Pattern[str]":
     parts = [re.escape(w) for w in words]
     last = words[-1]
     if plurals and last[-1].isalpha():
@@ -591,7 +591,7 @@ def find_concept_positions(
     # Every place each concept stands, then the occurrences asked for.
     selected: List[List[_Match]] = []
     for index, query in enumerate(queries):
-        pattern = _concept_pattern(word_texts[index].split(), plurals=plurals, word_boundaries=True, flags=flags)
+        pattern = concept_word_pattern(word_texts[index].split(), plurals=plurals, word_boundaries=True, flags=flags)
         matches = [
             _Match(index, m.start(), m.end(), _tokens_in_span(tokens, m.start(), m.end()))
             for m in pattern.finditer(tokens.text)
@@ -758,7 +758,7 @@ def _not_found_message(
 
 
 def _occurrences_inside_words(text: str, words: List[str], plurals: bool, flags: int) -> List[str]:
-    pattern = _concept_pattern(words, plurals=plurals, word_boundaries=False, flags=flags)
+    pattern = concept_word_pattern(words, plurals=plurals, word_boundaries=False, flags=flags)
     found: List[str] = []
     for m in pattern.finditer(text):
         start, end = m.start(), m.end()

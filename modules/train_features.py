@@ -1,7 +1,7 @@
 """Text features for training: neutral features, pre-training targets, router files.
 
 Mod-Adapter reads a concept word through FLUX's own pooled-text path
-(DESIGN.md §1): the neutral feature of a word is
+(Mod-Adapter paper, arXiv 2505.18612): the neutral feature of a word is
 
     n = M(CLIP(p0))
 

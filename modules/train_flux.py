@@ -171,7 +171,7 @@ def concept_positions(records: Sequence[ManifestRecord], layout: TextSequenceLay
     return positions
 
 
-def t5_layout(tokenizer, max_sequence_length: int) -> TextSequenceLayout:
+def tokenizer_t5_layout(tokenizer, max_sequence_length: int) -> TextSequenceLayout:
     """FluxPipeline's T5 sequence: padded and truncated to ``max_sequence_length``."""
     return TextSequenceLayout.from_hf_tokenizer(tokenizer, "t5", min_length=max_sequence_length,
                                                 max_length=max_sequence_length)
@@ -368,7 +368,7 @@ class FluxTrainTask(TrainingTask):
         return ((image + 1.0) / 2.0).clamp(0, 1).cpu()
 
     @torch.no_grad()
-    def validate(self, step, out_dir, ctx: DistributedContext):
+    def write_validation_images(self, step, out_dir, ctx: DistributedContext):
         if not self.validation_items:
             return
         resolution = self.settings.validation_resolution or self.settings.resolution
@@ -467,7 +467,7 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
     # 1. Everything checkable without a model: manifest, concept positions, adapter vs FLUX sizes, router.
     records = read_manifest(settings.manifest)
     source = resolve_flux_source(settings.flux, settings.components)
-    layout = t5_layout(load_t5_tokenizer(source), settings.max_sequence_length)
+    layout = tokenizer_t5_layout(load_t5_tokenizer(source), settings.max_sequence_length)
     positions = concept_positions(records, layout, settings.manifest)
     validation_records = records
     validation_positions = positions

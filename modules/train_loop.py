@@ -474,7 +474,7 @@ class TrainingTask:
     def per_sample_losses(self, model: torch.nn.Module, prepared: Any, step: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def validate(self, step: int, out_dir: str, ctx: DistributedContext) -> None:
+    def write_validation_images(self, step: int, out_dir: str, ctx: DistributedContext) -> None:
         """Write validation images (optional)."""
 
     def checkpoint_metadata(self) -> Dict[str, Any]:
@@ -739,7 +739,7 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
 
     try:
         if cfg.validate_every and start == 0:
-            _validate(task, ctx, out_dir, 0, ema)
+            _write_validation_images(task, ctx, out_dir, 0, ema)
         pending = pool.submit(load, start) if pool and start < end else None
         step = start
         while step < end:
@@ -790,7 +790,7 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
             if step % cfg.save_every == 0 or final or stop_now.item() > 0:
                 _save_checkpoint(task, cfg, ctx, out_dir, step, optimizer, scheduler, ema, schedule, last_loss)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                _validate(task, ctx, out_dir, step, ema)
+                _write_validation_images(task, ctx, out_dir, step, ema)
             if stop_now.item() > 0 and not final:
                 ctx.log(f"stopped at step {step}; resume with --resume {out_dir}")
                 stopped_early = True
@@ -813,15 +813,15 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
                           stopped_early=stopped_early)
 
 
-def _validate(task: TrainingTask, ctx: DistributedContext, out_dir: str, step: int,
-              ema: Optional[ExponentialMovingAverage]) -> None:
+def _write_validation_images(task: TrainingTask, ctx: DistributedContext, out_dir: str, step: int,
+                             ema: Optional[ExponentialMovingAverage]) -> None:
     run_here = ctx.is_main or task.validation_on_all_ranks
     if run_here:
         was_training = task.adapter.training
         task.adapter.eval()
         try:
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                task.validate(step, out_dir, ctx)
+                task.write_validation_images(step, out_dir, ctx)
         finally:
             task.adapter.train(was_training)
     ctx.barrier()

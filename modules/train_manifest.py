@@ -46,7 +46,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .atomic_file import atomic_write_text
 from .errors import ModAdapterError
-from .token_positions import TextSequenceLayout, _concept_pattern, find_concept_positions
+from .token_positions import TextSequenceLayout, concept_word_pattern, find_concept_positions
 
 __all__ = [
     "ManifestError",
@@ -221,7 +221,7 @@ def word_in_caption(word: str, caption: str, layout: Optional[TextSequenceLayout
     words = word.split()
     if not words:
         return "concept_word is empty"
-    if _concept_pattern(words, plurals=True, word_boundaries=True, flags=re.IGNORECASE).search(caption):
+    if concept_word_pattern(words, plurals=True, word_boundaries=True, flags=re.IGNORECASE).search(caption):
         return None
     return f"concept word {word!r} does not occur as a whole word in the caption {caption!r}"
 

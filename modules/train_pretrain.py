@@ -1,6 +1,6 @@
 """Pre-training of the Mod-Adapter (no DiT), and the router fit.
 
-Paper (DESIGN.md §1): for a concept image with attribute caption p+ (written
+Mod-Adapter paper (arXiv 2505.18612, §3): for a concept image with attribute caption p+ (written
 by a VLM) the adapter's block features F+_i = Δ_i + n are regressed onto the
 caption's pooled-text feature:
 

@@ -18,7 +18,7 @@ from ..modules.errors import ModAdapterError
 from ..modules.learn_concept import LearnConfig, learn_concepts
 from ..modules.token_positions import find_concept_positions
 from .model_folders import CONCEPT_FOLDER, default_folder
-from .modulation_apply import t5_layout
+from .modulation_apply import clip_t5_layout
 from .sockets import CATEGORY, ConceptsSocket
 
 
@@ -29,7 +29,7 @@ def parse_words(words: str):
     return parsed
 
 
-def encode_images(vae, model, image, resolution: int):
+def images_to_latents(vae, model, image, resolution: int):
     """Resize + centre-crop every image to resolution², VAE-encode, and bring into the model's latent space."""
     image = check_image_batch(image)
     pixels = comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
@@ -70,7 +70,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
                   resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
                   init_concepts=None, save=False, filename_prefix="learned"):
     words = parse_words(words)
-    positions = find_concept_positions(t5_layout(clip), caption, words)
+    positions = find_concept_positions(clip_t5_layout(clip), caption, words)
     with torch.no_grad():
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
     context, extras = conditioning[0][0].clone(), conditioning[0][1]
@@ -82,7 +82,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         by_word = {c.word.strip().lower(): c for c in resolve_concepts(init_concepts)}
         init = [by_word[w.lower()].delta * by_word[w.lower()].strength if w.lower() in by_word else None for w in words]
 
-    latents, flipped = encode_images(vae, model, image, resolution)
+    latents, flipped = images_to_latents(vae, model, image, resolution)
     config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate, seed=seed,
                          stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max))
     mm.load_models_gpu([denoiser.model_patcher])

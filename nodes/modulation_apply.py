@@ -10,7 +10,7 @@ from ..modules.token_positions import ConceptQuery, TextSequenceLayout, find_con
 from .sockets import CATEGORY, ConceptsSocket
 
 
-def t5_layout(clip) -> TextSequenceLayout:
+def clip_t5_layout(clip) -> TextSequenceLayout:
     t5 = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
     if t5 is None:
         raise ModelMismatchError("Modulation Apply needs FLUX's text encoders (DualCLIPLoader with clip_l + t5xxl, "
@@ -36,7 +36,7 @@ def modulation_apply(model, clip, text, concepts, start_percent=0.0, end_percent
         return model, conditioning
     check_unique_words([c.word for c in resolved])
     queries = [ConceptQuery(c.word, occurrence or None) for c in resolved]
-    positions = find_concept_positions(t5_layout(clip), text, queries)
+    positions = find_concept_positions(clip_t5_layout(clip), text, queries)
     patched = apply_concepts(
         model,
         [ComfyConcept(delta=c.delta, positions=p, strength=c.strength, start_percent=start_percent,
