@@ -86,7 +86,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .modules.train_manifest import validate_manifest, write_clean_manifest
+    from .modules.training.manifest import validate_manifest, write_clean_manifest
 
     report = validate_manifest(args.manifest, check_images=not args.no_image_check,
                                require_attribute_caption=args.require_attribute_caption)
@@ -101,7 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from .modules.train_manifest import write_shards
+    from .modules.training.manifest import write_shards
 
     bar = None
     if not args.no_progress:
@@ -125,7 +125,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .modules.captioner import DEFAULT_PROMPT, VLMCaptioner, caption_manifest
+    from .modules.training.captioner import DEFAULT_PROMPT, VLMCaptioner, caption_manifest
 
     captioner = VLMCaptioner.load(args.model, device=args.device, dtype=args.dtype, prompt=args.prompt or DEFAULT_PROMPT,
                                   max_new_tokens=args.max_new_tokens, max_image_side=args.max_image_side or None)
@@ -172,12 +172,12 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
 
 
 # --------------------------------------------------------------------------
-# Training: fit-router, pretrain, train (modules/train_*.py; docs/training.md)
+# Training: fit-router, pretrain, train (modules/training/; docs/training.md)
 # --------------------------------------------------------------------------
 
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
-    from .modules.train_pretrain import fit_router
+    from .modules.training.pretrain import fit_router
 
     summary = fit_router(args.manifest, flux=args.flux, out=args.out, experts=args.experts, seed=args.seed,
                          components=args.components, clip_l=args.clip_l, device=args.device, dtype=args.dtype,
@@ -188,7 +188,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
 
 def _loop_config(args: argparse.Namespace):
-    from .modules.train_loop import LoopConfig
+    from .modules.training.loop import LoopConfig
 
     return LoopConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -210,7 +210,7 @@ def _finish_training(result) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .modules.train_pretrain import PretrainSettings, run_pretrain
+    from .modules.training.pretrain import PretrainSettings, run_pretrain
 
     settings = PretrainSettings(
         manifest=args.manifest, out=args.out, flux=args.flux, image_encoder=args.image_encoder,
@@ -222,7 +222,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .modules.train_flux import FluxTrainSettings, run_train
+    from .modules.training.flux import FluxTrainSettings, run_train
 
     settings = FluxTrainSettings(
         manifest=args.manifest, out=args.out, flux=args.flux, image_encoder=args.image_encoder,

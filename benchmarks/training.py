@@ -7,7 +7,7 @@ Three modes:
     width 128, a 3-layer ViT, 2-layer CLIP-L / 1-layer T5 text encoders, a
     2-level VAE, the ``tiny`` adapter resized to the FLUX width) and a
     generated dataset. Runs the real pre-training and training tasks through
-    the real loop (:func:`mod_adapter.modules.train_loop.run_training`).
+    the real loop (:func:`mod_adapter.modules.training.loop.run_training`).
 ``--mode full`` (needs a GPU with ~80 GB)
     The same code with FLUX.1's real sizes (19 + 38 blocks, width 3072, T5-XXL,
     CLIP-L, FLUX's VAE, OpenAI ViT-L/14 vision tower) with random bfloat16
@@ -139,7 +139,7 @@ def make_image_encoder(sizes, folder: Path, device):
     import open_clip
     from safetensors.torch import save_file
 
-    from mod_adapter.modules.image_encoder import OpenClipImageEncoder
+    from mod_adapter.modules.training.image_encoder import OpenClipImageEncoder
 
     name = sizes["vit"]
     if isinstance(name, dict):
@@ -213,11 +213,11 @@ def build_adapter(config, device):
 
 def run_stage(mode: str, stage: str, device: str, steps: int, batch: int) -> Dict[str, Any]:
     from mod_adapter.modules.diffusers_flux_host import DiffusersFluxConcepts
-    from mod_adapter.modules.train_features import TextFeatureCache, vector_in_of
-    from mod_adapter.modules.train_flux import FluxTrainSettings, FluxTrainTask, TextEmbeddingCache, concept_positions, tokenizer_t5_layout
-    from mod_adapter.modules.train_loop import DistributedContext, LoopConfig, run_training
-    from mod_adapter.modules.train_manifest import read_manifest
-    from mod_adapter.modules.train_pretrain import PretrainTask, compute_neutral_table
+    from mod_adapter.modules.training.features import TextFeatureCache, vector_in_of
+    from mod_adapter.modules.training.flux import FluxTrainSettings, FluxTrainTask, TextEmbeddingCache, concept_positions, tokenizer_t5_layout
+    from mod_adapter.modules.training.loop import DistributedContext, LoopConfig, run_training
+    from mod_adapter.modules.training.manifest import read_manifest
+    from mod_adapter.modules.training.pretrain import PretrainTask, compute_neutral_table
 
     sizes = TINY if mode == "tiny" else FULL
     dev = torch.device(device)

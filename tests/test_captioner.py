@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mod_adapter.cli import main as cli_main
-from mod_adapter.modules.captioner import (
+from mod_adapter.modules.training.captioner import (
     DEFAULT_PROMPT,
     CaptionerError,
     VLMCaptioner,
@@ -22,7 +22,7 @@ from mod_adapter.modules.captioner import (
     default_output_path,
     partial_path,
 )
-from mod_adapter.modules.train_manifest import read_manifest
+from mod_adapter.modules.training.manifest import read_manifest
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]

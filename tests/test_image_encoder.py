@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from mod_adapter.modules.errors import ModAdapterError
-from mod_adapter.modules.image_encoder import (
+from mod_adapter.modules.training.image_encoder import (
     ImageEncoderError,
     OpenClipImageEncoder,
     clip_preprocess,

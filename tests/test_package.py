@@ -13,7 +13,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-METHOD_MODULES = sorted(p.stem for p in (REPO / "modules").glob("*.py") if p.stem != "__init__")
+# Every module under modules/, subpackages included (modules.training.flux, ...).
+METHOD_MODULES = sorted(".".join(p.relative_to(REPO / "modules").with_suffix("").parts)
+                        for p in (REPO / "modules").rglob("*.py") if p.stem != "__init__")
 
 
 def run_python(code: str, **env):
@@ -28,7 +30,8 @@ def test_method_modules_never_import_comfyui():
                         "bad = [m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_api', 'folder_paths'))]; "
                         "assert not bad, bad; print('ok')")
     assert result.returncode == 0, result.stderr
-    for path in (REPO / "modules").glob("*.py"):
+    assert any("." in m for m in METHOD_MODULES), "the subpackages are covered"
+    for path in (REPO / "modules").rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+(comfy|comfy_api|folder_paths|nodes)\b", path.read_text(), re.M), path
 
 
@@ -48,7 +51,7 @@ def test_importing_the_pack_outside_comfyui_gives_a_message_not_a_traceback():
 def test_the_library_and_cli_never_import_comfyui_even_where_it_is_importable(comfyui):
     """A venv shared with ComfyUI, or a torchrun worker spawned from a process that had it on sys.path."""
     comfy_root = os.environ["COMFYUI_PATH"]  # the comfyui fixture checked it
-    result = run_python("import sys, mod_adapter, mod_adapter.cli, mod_adapter.modules.train_flux; "
+    result = run_python("import sys, mod_adapter, mod_adapter.cli, mod_adapter.modules.training.flux; "
                         "bad = [m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_api', 'folder_paths'))]; "
                         "assert not bad, bad; print('ok')", PYTHONPATH=comfy_root)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

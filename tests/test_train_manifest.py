@@ -10,7 +10,7 @@ from PIL import Image
 from mod_adapter.cli import main as cli_main
 from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.token_positions import TextSequenceLayout
-from mod_adapter.modules.train_manifest import (
+from mod_adapter.modules.training.manifest import (
     ManifestError,
     ShardMember,
     iter_records,

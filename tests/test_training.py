@@ -31,18 +31,18 @@ pytest.importorskip("open_clip")
 
 import tiny_training as tt  # noqa: E402
 from mod_adapter.cli import main  # noqa: E402
-from mod_adapter.modules import train_flux, train_pretrain  # noqa: E402
+from mod_adapter.modules.training import flux as train_flux, pretrain as train_pretrain  # noqa: E402
 from mod_adapter.modules.checkpoint import load_adapter_checkpoint  # noqa: E402
 from mod_adapter.modules.errors import ModAdapterError  # noqa: E402
 from mod_adapter.modules.router import fit_kmeans  # noqa: E402
 from mod_adapter.modules.safetensors_io import load_safetensors_checked  # noqa: E402
-from mod_adapter.modules.train_features import (  # noqa: E402
+from mod_adapter.modules.training.features import (  # noqa: E402
     load_router_file,
     load_vector_in,
     neutral_features,
 )
-from mod_adapter.modules.train_loop import BatchSchedule, LoopConfig, list_checkpoints, read_loss_csv  # noqa: E402
-from mod_adapter.modules.train_state import (  # noqa: E402
+from mod_adapter.modules.training.loop import BatchSchedule, LoopConfig, list_checkpoints, read_loss_csv  # noqa: E402
+from mod_adapter.modules.training.state import (  # noqa: E402
     capture_rng_state,
     load_state_files,
     restore_rng_state,

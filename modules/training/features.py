@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import ModAdapterError
-from .safetensors_io import load_safetensors_checked, read_safetensors_header, save_safetensors
+from ..errors import ModAdapterError
+from ..safetensors_io import load_safetensors_checked, read_safetensors_header, save_safetensors
 
 ROUTER_FORMAT = "mod-adapter-router"
 ROUTER_FORMAT_VERSION = "1"

@@ -13,7 +13,7 @@ and the loss is ``mean((v_θ(x_σ, σ) − v)²)`` per sample. FLUX (transformer
 VAE, T5, CLIP-L, vector_in) is frozen; only the adapter trains. σ is drawn
 per sample from a logit-normal (default) or uniform distribution, optionally
 shifted (``σ' = sσ / (1 + (s−1)σ)``), and ε from the sample's own generator
-(:func:`.train_loop.sample_generator`), so any split over processes gives the
+(:func:`.loop.sample_generator`), so any split over processes gives the
 same draws.
 
 Precision: FLUX is held in ``--flux-dtype`` (bfloat16 on CUDA by default,
@@ -32,7 +32,7 @@ FluxPipeline does (its scheduler, its resolution-dependent shift), then the
 VAE decodes and PNGs are written under ``OUT/validation/step-<step>/``; the
 same seeds without any Δ are written once to ``OUT/validation/reference/``.
 
-Several GPUs: DDP on the adapter (:mod:`.train_loop`). When FLUX does not fit
+Several GPUs: DDP on the adapter (:mod:`.loop`). When FLUX does not fit
 once per GPU, ``--flux-sharding fsdp`` shards the frozen transformer's weights
 over the processes with PyTorch FSDP2 (``fully_shard`` per block): each block's
 weights are gathered for its forward (and for the backward through it) and
@@ -48,11 +48,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapter import ModAdapter
-from .checkpoint import load_adapter_checkpoint
-from .diffusers_flux_host import DiffusersFluxConcepts
-from .errors import ModAdapterError, ModelMismatchError
-from .learn_diffusers import (
+from ..adapter import ModAdapter
+from ..checkpoint import load_adapter_checkpoint
+from ..diffusers_flux_host import DiffusersFluxConcepts
+from ..errors import ModAdapterError, ModelMismatchError
+from ..learn_diffusers import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_TRAINING_GUIDANCE,
     fit_image,
@@ -63,10 +63,10 @@ from .learn_diffusers import (
     resolve_flux_source,
     unpack_latents,
 )
-from .token_modulation import TokenConcept
-from .token_positions import TextSequenceLayout, find_concept_positions
-from .train_features import LruTextCache, read_flux_transformer_config, vector_in_of
-from .train_loop import (
+from ..token_modulation import TokenConcept
+from ..token_positions import TextSequenceLayout, find_concept_positions
+from .features import LruTextCache, read_flux_transformer_config, vector_in_of
+from .loop import (
     DistributedContext,
     LoopConfig,
     TrainingResult,
@@ -77,8 +77,8 @@ from .train_loop import (
     sample_generator,
     setup_distributed,
 )
-from .train_manifest import ManifestError, ManifestRecord, read_manifest
-from .train_pretrain import (
+from .manifest import ManifestError, ManifestRecord, read_manifest
+from .pretrain import (
     build_adapter,
     compute_neutral_table,
     load_concept_sample,
@@ -477,10 +477,10 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
     validation = list(zip(validation_records, validation_positions))[: settings.validation_samples]
     flux_config = read_flux_transformer_config(settings.flux, settings.components)
     if settings.init:
-        from .checkpoint import read_adapter_info
+        from ..checkpoint import read_adapter_info
 
         info = read_adapter_info(settings.init)
-        from .config import ModAdapterConfig
+        from ..config import ModAdapterConfig
 
         config = ModAdapterConfig.from_dict(info["config"])
         if not info["router"].get("fitted") and config.num_experts > 1:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import ModAdapterError
-from .train_manifest import (
+from ..errors import ModAdapterError
+from .manifest import (
     ManifestError,
     ManifestRecord,
     is_shard_source,

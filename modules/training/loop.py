@@ -36,7 +36,7 @@ Checkpoints (every ``save_every`` steps, in ``OUT/checkpoint-<step>/``)
   a training summary (stage, steps, loss, dataset, lr, ...);
 * ``adapter-ema.safetensors``: the EMA weights, when EMA is on;
 * ``training_state.safetensors`` + ``training_state.json``: optimizer,
-  scheduler, step, data position, run settings (:mod:`.train_state`, no pickle);
+  scheduler, step, data position, run settings (:mod:`.state`, no pickle);
   the JSON is written last, so its presence marks a complete checkpoint;
 * ``rng-rank<r>.safetensors`` + ``.json``: each rank's torch CPU/CUDA, python
   ``random`` and numpy RNG states.
@@ -65,12 +65,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .adapter import ModAdapter
-from .atomic_file import atomic_replace
-from .checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
-from .curve_plot import Panel, loss_panel, render_panels
-from .errors import ModAdapterError
-from .train_state import (
+from ..adapter import ModAdapter
+from ..atomic_file import atomic_replace
+from ..checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
+from ..curve_plot import Panel, loss_panel, render_panels
+from ..errors import ModAdapterError
+from .state import (
     RNG_FORMAT,
     TrainingStateError,
     capture_rng_state,

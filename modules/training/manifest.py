@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from .atomic_file import atomic_write_text
-from .errors import ModAdapterError
-from .token_positions import TextSequenceLayout, concept_word_pattern, find_concept_positions
+from ..atomic_file import atomic_write_text
+from ..errors import ModAdapterError
+from ..token_positions import TextSequenceLayout, concept_word_pattern, find_concept_positions
 
 __all__ = [
     "ManifestError",

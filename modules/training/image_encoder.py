@@ -50,8 +50,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import ModAdapterError
-from .safetensors_io import read_safetensors_header
+from ..errors import ModAdapterError
+from ..safetensors_io import read_safetensors_header
 
 __all__ = [
     "ImageEncoderError",
@@ -476,7 +476,7 @@ class OpenClipImageEncoder:
         (after the same centre crop as the image when ``crop``); the class
         token is always kept. ``masks=None`` keeps every token.
         """
-        from .adapter import image_mask_to_token_mask
+        from ..adapter import image_mask_to_token_mask
 
         tokens = self.encode(images, crop=crop)
         if masks is None:

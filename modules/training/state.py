@@ -31,9 +31,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .atomic_file import atomic_write_text
-from .errors import ModAdapterError
-from .safetensors_io import load_safetensors_checked, save_safetensors
+from ..atomic_file import atomic_write_text
+from ..errors import ModAdapterError
+from ..safetensors_io import load_safetensors_checked, save_safetensors
 
 
 class TrainingStateError(ModAdapterError):

@@ -26,11 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapter import ModAdapter
-from .config import ModAdapterConfig
-from .errors import ConfigError, ModAdapterError
-from .router import assign_experts, fit_kmeans
-from .train_features import (
+from ..adapter import ModAdapter
+from ..config import ModAdapterConfig
+from ..errors import ConfigError, ModAdapterError
+from ..router import assign_experts, fit_kmeans
+from .features import (
     TextFeatureCache,
     distinct_words,
     load_clip_text_encoder,
@@ -40,7 +40,7 @@ from .train_features import (
     router_checkpoint_info,
     save_router_file,
 )
-from .train_loop import (
+from .loop import (
     LoopConfig,
     TrainingResult,
     TrainingTask,
@@ -49,7 +49,7 @@ from .train_loop import (
     run_training,
     setup_distributed,
 )
-from .train_manifest import ManifestRecord, read_manifest
+from .manifest import ManifestRecord, read_manifest
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
