@@ -217,7 +217,8 @@ def run_stage(mode: str, stage: str, device: str, steps: int, batch: int) -> Dic
     from mod_adapter.modules.training.flux import FluxTrainSettings, FluxTrainTask, TextEmbeddingCache, concept_positions, tokenizer_t5_layout
     from mod_adapter.modules.training.loop import DistributedContext, LoopConfig, run_training
     from mod_adapter.modules.training.manifest import read_manifest
-    from mod_adapter.modules.training.pretrain import PretrainTask, compute_neutral_table
+    from mod_adapter.modules.training.pretrain import PretrainTask
+    from mod_adapter.modules.training.stages import compute_neutral_table
 
     sizes = TINY if mode == "tiny" else FULL
     dev = torch.device(device)

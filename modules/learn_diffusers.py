@@ -2,14 +2,10 @@
 
 :class:`DiffusersDenoiser` implements :class:`.learn_concept.Denoiser` on a
 ``FluxTransformer2DModel`` with :class:`.diffusers_flux_host.DiffusersFluxConcepts`.
-The rest loads FLUX the way users keep it (a diffusers folder, a repo in the
-local Hugging Face cache, or a single transformer file plus the other
-components), prepares the concept images and encodes the caption and images
-once, so that only the transformer stays in memory while learning.
-
-Packing and position ids follow diffusers' ``FluxPipeline`` (``_pack_latents``,
-``_unpack_latents``, ``_prepare_latent_image_ids``) exactly; the tests compare
-them with diffusers' own.
+The rest is the `mod-adapter learn` command: it loads FLUX (:mod:`.flux_diffusers`,
+the plumbing training shares), prepares the concept images and encodes the
+caption and images once, so that only the transformer stays in memory while
+learning.
 """
 
 from __future__ import annotations
@@ -24,55 +20,18 @@ import torch
 
 from .diffusers_flux_host import DiffusersFluxConcepts
 from .errors import ModAdapterError
+from .flux_diffusers import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    DEFAULT_TRAINING_GUIDANCE,
+    encode_caption,
+    fit_image,
+    flux_velocity,
+    load_flux_pipeline,
+    load_t5_tokenizer,
+    resolve_flux_source,
+    vae_encode,
+)
 from .token_modulation import TokenConcept
-
-# FLUX.1 [dev] embeds a guidance scale; diffusers' train_dreambooth_flux.py
-# trains with --guidance_scale 3.5 by default, which is also FluxPipeline's
-# default at inference.
-DEFAULT_TRAINING_GUIDANCE = 3.5
-
-# diffusers' FluxPipeline pads/truncates T5 to max_sequence_length (512 by
-# default); ComfyUI pads T5 to 256 and concepts are mostly used there, so we
-# learn with 256 text tokens (also cheaper: the text shares attention with the
-# image tokens).
-DEFAULT_MAX_SEQUENCE_LENGTH = 256
-
-DEFAULT_COMPONENTS_REPO = "black-forest-labs/FLUX.1-dev"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
-
-
-# --------------------------------------------------------------------------
-# Latent packing (as FluxPipeline)
-# --------------------------------------------------------------------------
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2·W/2, 4C): FluxPipeline._pack_latents (2×2 patches, row-major)."""
-    batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ModAdapterError(f"FLUX latents need an even height and width, got {height}×{width}")
-    packed = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for latents of ``height`` × ``width`` (FluxPipeline._unpack_latents)."""
-    batch, _, features = packed.shape
-    channels = features // 4
-    latents = packed.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(batch, channels, height, width)
-
-
-def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids (H/2·W/2, 3) of the packed image tokens: FluxPipeline._prepare_latent_image_ids
-    for latents of ``height`` × ``width`` (channel 1 = row, channel 2 = column, channel 0 = 0)."""
-    rows, cols = height // 2, width // 2
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
-
 
 # --------------------------------------------------------------------------
 # The denoiser
@@ -106,31 +65,17 @@ class DiffusersDenoiser:
         self.modulation_dim = self.host.width
         self.prompt_embeds = prompt_embeds.detach().to(self.device, self.dtype)
         self.pooled_prompt_embeds = pooled_prompt_embeds.detach().to(self.device, self.dtype)
-        self.text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
         # Schnell has no guidance embedding: passing a guidance value would be ignored at best.
         self.guidance = float(guidance) if getattr(transformer.config, "guidance_embeds", False) else None
 
     def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
                  token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
-        batch, _, height, width = noisy_latents.shape
         self.host.set_concepts([
             TokenConcept(delta=delta, positions=list(pos), name=f"concept {k + 1}")
             for k, (delta, pos) in enumerate(zip(deltas, token_positions))
         ])
-        guidance = None
-        if self.guidance is not None:
-            guidance = torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=pack_latents(noisy_latents.to(self.device, self.dtype)),
-            timestep=sigma.to(self.device, self.dtype),  # σ itself: FluxPipeline passes timesteps / 1000
-            guidance=guidance,
-            pooled_projections=self.pooled_prompt_embeds.expand(batch, -1),
-            encoder_hidden_states=self.prompt_embeds.expand(batch, -1, -1),
-            txt_ids=self.text_ids,
-            img_ids=latent_image_ids(height, width, self.device, self.dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, height, width)
+        return flux_velocity(self.transformer, noisy_latents.to(self.device), sigma, self.prompt_embeds,
+                             self.pooled_prompt_embeds, self.guidance)
 
     def model_parameters(self) -> Iterable[torch.Tensor]:
         return self.transformer.parameters()
@@ -148,32 +93,6 @@ class DiffusersDenoiser:
 # --------------------------------------------------------------------------
 # Concept images
 # --------------------------------------------------------------------------
-
-
-def fit_image(image, resolution: int):
-    """Resize the short side to ``resolution`` and centre-crop to a square.
-
-    Returns (image, note): note says what changed, None when the image was
-    already ``resolution`` × ``resolution``.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    if (width, height) == (resolution, resolution):
-        return image, None
-    scale = resolution / min(width, height)
-    scaled_w, scaled_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    scaled = image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
-    left, top = (scaled_w - resolution) // 2, (scaled_h - resolution) // 2
-    cropped = scaled.crop((left, top, left + resolution, top + resolution))
-    cut = []
-    if scaled_w > resolution:
-        cut.append(f"{scaled_w - resolution} px of width")
-    if scaled_h > resolution:
-        cut.append(f"{scaled_h - resolution} px of height")
-    note = (f"{width}×{height} resized to {resolution}×{resolution} (short side scaled to {resolution}"
-            + (f", centre crop cut {' and '.join(cut)}" if cut else "") + ")")
-    return cropped, note
 
 
 def load_concept_images(paths: Sequence[str], resolution: int) -> Tuple[torch.Tensor, List[str]]:
@@ -207,117 +126,6 @@ def load_concept_images(paths: Sequence[str], resolution: int) -> Tuple[torch.Te
         data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
         pixels.append(data.permute(2, 0, 1).float() / 127.5 - 1.0)
     return torch.stack(pixels), notes
-
-
-@torch.no_grad()
-def vae_encode_pixels(vae, pixels: torch.Tensor, device) -> torch.Tensor:
-    """VAE-encode pixels in [-1, 1] into FLUX's normalised latent space (float32).
-
-    Uses the mean of the latent distribution, not a sample, so the learning
-    target does not depend on an extra random draw; then
-    ``(z − shift_factor) · scaling_factor`` as FluxImg2ImgPipeline._encode_vae_image.
-    """
-    vae_dtype = next(vae.parameters()).dtype
-    latents = []
-    for image in pixels:  # one at a time: the VAE's activations at 512² dominate its memory
-        dist = vae.encode(image[None].to(device=device, dtype=vae_dtype)).latent_dist
-        latents.append(dist.mode().float())
-    z = torch.cat(latents)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((z - shift) * vae.config.scaling_factor).cpu()
-
-
-# --------------------------------------------------------------------------
-# Loading FLUX
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class FluxSource:
-    """Where the transformer and the other components (text encoders, tokenizers, VAE) come from."""
-
-    transformer_file: Optional[str]  # a single .safetensors transformer, or None
-    components: str  # diffusers folder or repo id (in the local cache)
-
-
-def resolve_flux_source(flux: str, components: Optional[str] = None) -> FluxSource:
-    """Interpret ``--flux`` (folder, single file or repo id) and ``--components``."""
-    if os.path.isdir(flux):
-        if not os.path.isfile(os.path.join(flux, "model_index.json")):
-            raise ModAdapterError(
-                f"'{flux}' is a folder but not a diffusers FLUX pipeline (no model_index.json). Give the folder of "
-                f"e.g. black-forest-labs/FLUX.1-dev as downloaded with `huggingface-cli download`, or a single "
-                f"transformer .safetensors file with --components."
-            )
-        return FluxSource(None, components or flux)
-    if os.path.isfile(flux):
-        if not flux.lower().endswith(SINGLE_FILE_SUFFIXES):
-            raise ModAdapterError(f"'{flux}' is not a .safetensors file; give a FLUX.1 transformer file, a diffusers "
-                                  f"folder or a Hugging Face repo id")
-        return FluxSource(flux, components or DEFAULT_COMPONENTS_REPO)
-    if _REPO_ID.match(flux) and not flux.lower().endswith(SINGLE_FILE_SUFFIXES):
-        return FluxSource(None, components or flux)
-    raise ModAdapterError(f"--flux '{flux}' is neither an existing folder or file nor a Hugging Face repo id "
-                          f"(owner/name)")
-
-
-def _not_loadable(what: str, source: str, exc: Exception) -> ModAdapterError:
-    return ModAdapterError(
-        f"Cannot load {what} from '{source}' without downloading ({type(exc).__name__}: {exc}). Nothing is downloaded "
-        f"here: give a local diffusers folder, or fetch the repo into the Hugging Face cache first "
-        f"(`huggingface-cli download {source if _REPO_ID.match(source) else DEFAULT_COMPONENTS_REPO}`)."
-    )
-
-
-def load_t5_tokenizer(source: FluxSource):
-    """The caption's T5 tokenizer (FluxPipeline.tokenizer_2), loaded alone so that a concept word
-    missing from the caption is reported before the large models are loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.components, subfolder="tokenizer_2", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise _not_loadable("the T5 tokenizer (tokenizer_2)", source.components, exc) from None
-
-
-def load_flux_pipeline(source: FluxSource, dtype: torch.dtype):
-    """FluxPipeline on the CPU from local files only."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    kwargs = {}
-    if source.transformer_file is not None:
-        try:
-            kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
-                source.transformer_file, config=source.components, subfolder="transformer", torch_dtype=dtype,
-                local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModAdapterError(
-                f"Cannot load the FLUX.1 transformer from '{source.transformer_file}' ({type(exc).__name__}: {exc}). "
-                f"It must be a FLUX.1 transformer checkpoint (BFL/ComfyUI or diffusers layout); its configuration is "
-                f"read from --components '{source.components}', which must be available locally."
-            ) from None
-    try:
-        return FluxPipeline.from_pretrained(source.components, torch_dtype=dtype, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _not_loadable("the FLUX pipeline", source.components, exc) from None
-
-
-@torch.no_grad()
-def encode_caption(pipe, caption: str, device, max_sequence_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(T5 prompt_embeds (1, L, 4096), CLIP pooled (1, 768)) of the caption, as FluxPipeline encodes it.
-
-    The text encoders are moved to ``device`` for the call and back to the CPU after.
-    """
-    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
-    for encoder in encoders:
-        encoder.to(device)
-    try:
-        prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=caption, prompt_2=caption, device=torch.device(device),
-                                                      max_sequence_length=max_sequence_length)
-    finally:
-        for encoder in encoders:
-            encoder.to("cpu")
-    return prompt_embeds, pooled
 
 
 # --------------------------------------------------------------------------
@@ -443,8 +251,8 @@ def learn_concept_files(
     pipe = load_flux_pipeline(source, run_dtype)
     prompt_embeds, pooled = encode_caption(pipe, caption, run_device, max_sequence_length)
     pipe.vae.to(run_device)
-    latents = vae_encode_pixels(pipe.vae, pixels, run_device)
-    flipped_latents = vae_encode_pixels(pipe.vae, pixels.flip(-1), run_device)
+    latents = vae_encode(pipe.vae, pixels, run_device, one_at_a_time=True).cpu()
+    flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), run_device, one_at_a_time=True).cpu()
     transformer = pipe.transformer
     del pipe  # the text encoders and the VAE are not needed any more
     gc.collect()

@@ -26,15 +26,8 @@ from mod_adapter.modules.learn_concept import (
     learn_concepts,
     sample_sigmas,
 )
-from mod_adapter.modules.learn_diffusers import (
-    DiffusersDenoiser,
-    fit_image,
-    latent_image_ids,
-    load_concept_images,
-    pack_latents,
-    plan_output_paths,
-    unpack_latents,
-)
+from mod_adapter.modules.flux_diffusers import fit_image, latent_image_ids, pack_latents, unpack_latents
+from mod_adapter.modules.learn_diffusers import DiffusersDenoiser, load_concept_images, plan_output_paths
 
 from tiny_flux import tiny_diffusers_flux
 

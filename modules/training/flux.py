@@ -52,16 +52,16 @@ from ..adapter import ModAdapter
 from ..checkpoint import load_adapter_checkpoint
 from ..diffusers_flux_host import DiffusersFluxConcepts
 from ..errors import ModAdapterError, ModelMismatchError
-from ..learn_diffusers import (
+from ..flux_diffusers import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_TRAINING_GUIDANCE,
     fit_image,
-    latent_image_ids,
+    flux_velocity,
     load_flux_pipeline,
     load_t5_tokenizer,
-    pack_latents,
     resolve_flux_source,
-    unpack_latents,
+    vae_decode,
+    vae_encode,
 )
 from ..token_modulation import TokenConcept
 from ..token_positions import TextSequenceLayout, find_concept_positions
@@ -78,7 +78,7 @@ from .loop import (
     setup_distributed,
 )
 from .manifest import ManifestError, ManifestRecord, read_manifest
-from .pretrain import (
+from .stages import (
     build_adapter,
     compute_neutral_table,
     load_concept_sample,
@@ -229,46 +229,6 @@ def load_target_pixels(record: ManifestRecord, resolution: int) -> torch.Tensor:
     """The target image as (3, R, R) pixels in [-1, 1] (short side resized, centre-cropped)."""
     image, _ = fit_image(record.open_image("target_image"), resolution)
     return pil_to_tensor(image).permute(2, 0, 1) * 2.0 - 1.0
-
-
-@torch.no_grad()
-def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """FLUX's normalised latents (float32) of pixels in [-1, 1]: (z − shift)·scale of the latent mode."""
-    vae_dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    z = vae.encode(pixels.to(device=device, dtype=vae_dtype)).latent_dist.mode().float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    vae_dtype = next(vae.parameters()).dtype
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = latents / vae.config.scaling_factor + shift
-    return vae.decode(z.to(vae_dtype), return_dict=False)[0].float()
-
-
-def flux_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor,
-                  pooled: torch.Tensor, guidance: Optional[float]) -> torch.Tensor:
-    """v_θ for unpacked latents (B, C, H, W) at per-sample σ (B,); returns (B, C, H, W)."""
-    batch, _, height, width = latents.shape
-    param = next(transformer.parameters())
-    dtype, device = param.dtype, latents.device
-    guidance_tensor = None
-    if guidance is not None and getattr(transformer.config, "guidance_embeds", False):
-        guidance_tensor = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
-    out = transformer(
-        hidden_states=pack_latents(latents).to(dtype),
-        timestep=sigma.to(device=device, dtype=dtype),
-        guidance=guidance_tensor,
-        pooled_projections=pooled.to(device=device, dtype=dtype),
-        encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
-        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-        img_ids=latent_image_ids(height, width, device, dtype),
-        return_dict=False,
-    )[0]
-    return unpack_latents(out, height, width)
 
 
 # --------------------------------------------------------------------------
