@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import threading
@@ -136,6 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per case (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--routing", choices=["spread", "shared", "both"], default="both")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -153,14 +155,29 @@ def main(argv=None) -> None:
     print(f"| routing | concepts | median forward (ms) | peak extra memory (MiB, {memory_kind}) |")
     print("|---|---:|---:|---:|")
     routings = ["spread", "shared"] if args.routing == "both" else [args.routing]
+    rows = []
+    ratios = {}
     for routing in routings:
         latencies = {}
         for count in CONCEPT_COUNTS:
             latency, peak = measure(adapter, count, routing, device, dtype, args.repeats, args.warmup)
             latencies[count] = latency
+            rows.append({"routing": routing, "concepts": count, "median_forward_ms": latency * 1e3,
+                         "peak_extra_memory_mib": peak / 2**20})
             print(f"| {routing} | {count} | {latency * 1e3:,.2f} | {peak / 2**20:,.1f} |", flush=True)
-        print(f"| {routing} | time(8)/time(1) | {latencies[8] / latencies[1]:.2f} | |", flush=True)
+        ratios[routing] = latencies[8] / latencies[1]
+        print(f"| {routing} | time(8)/time(1) | {ratios[routing]:.2f} | |", flush=True)
     print(f"loadavg_after={os.getloadavg()[0]:.2f}")
+    if args.json:
+        results = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "torch": torch.__version__,
+                   "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                   "parameters": adapter.num_parameters(), "weights_mib": weight_bytes / 2**20,
+                   "repeats": args.repeats, "warmup": args.warmup, "image_tokens": IMAGE_TOKENS,
+                   "memory_method": memory_kind, "rows": rows, "time8_over_time1": ratios,
+                   "load_average_after": os.getloadavg()[0]}
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

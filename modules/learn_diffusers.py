@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .diffusers_flux_host import DiffusersFluxConcepts
+from .dtypes import resolve_dtype
 from .errors import ModAdapterError
 from .flux_diffusers import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -184,12 +185,7 @@ def resolve_device_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.d
         raise ModAdapterError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps or auto") from None
     if resolved_device.type == "cuda" and not torch.cuda.is_available():
         raise ModAdapterError(f"Device {device!r} asked for, but this torch has no CUDA GPU; use --device cpu")
-    if dtype == "auto":
-        dtype = "bf16" if resolved_device.type == "cuda" else "fp32"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype not in dtypes:
-        raise ModAdapterError(f"Unknown dtype {dtype!r}; use bf16, fp16, fp32 or auto")
-    return resolved_device, dtypes[dtype]
+    return resolved_device, resolve_dtype(dtype, resolved_device)
 
 
 def learn_concept_files(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..dtypes import resolve_dtype
 from ..errors import ModAdapterError
 from .manifest import (
     ManifestError,
@@ -135,14 +136,7 @@ class VLMCaptioner:
                                  "pip install -U transformers") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        elif isinstance(dtype, str):
-            names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-            if dtype not in names:
-                raise CaptionerError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-            dtype = names[dtype]
+        dtype = resolve_dtype(dtype, device, error_cls=CaptionerError)
         try:
             processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)

@@ -51,6 +51,7 @@ import torch
 from ..adapter import ModAdapter
 from ..checkpoint import load_adapter_checkpoint
 from ..diffusers_flux_host import DiffusersFluxConcepts
+from ..dtypes import resolve_dtype
 from ..errors import ModAdapterError, ModelMismatchError
 from ..flux_diffusers import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -84,7 +85,6 @@ from .stages import (
     load_concept_sample,
     load_image_encoder,
     load_router,
-    parse_dtype,
     pil_to_tensor,
     predict_deltas,
     resolve_adapter_config,
@@ -415,12 +415,6 @@ def shard_transformer(transformer: torch.nn.Module, ctx: DistributedContext) -> 
     fully_shard(transformer)
 
 
-def _resolve_flux_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(name)
-
-
 def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
     settings.validate()
     loop.validate()
@@ -459,7 +453,7 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
     ctx = setup_distributed(settings.device)
     try:
         device = ctx.device
-        dtype = _resolve_flux_dtype(settings.flux_dtype, device)
+        dtype = resolve_dtype(settings.flux_dtype, device)
         encoder = load_image_encoder(settings.image_encoder, settings.image_encoder_weights, device,
                                      config_file=settings.image_encoder_config)
         if settings.init:

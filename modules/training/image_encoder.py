@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import optional_dtype
 from ..errors import ModAdapterError
 from ..safetensors_io import read_safetensors_header
 
@@ -293,14 +294,7 @@ def convert_transformers_to_open_clip(state_dict: Dict[str, torch.Tensor], prefi
 
 
 def _as_dtype(value: Union[str, torch.dtype, None], what: str) -> Optional[torch.dtype]:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    try:
-        return names[str(value).lower()]
-    except KeyError:
-        raise ImageEncoderError(f"unknown {what} {value!r}; use one of {sorted(names)}") from None
+    return optional_dtype(value, what=what, error_cls=ImageEncoderError)
 
 
 class OpenClipImageEncoder:

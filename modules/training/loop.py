@@ -69,6 +69,7 @@ from ..adapter import ModAdapter
 from ..atomic_file import atomic_replace
 from ..checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
 from ..curve_plot import Panel, loss_panel, render_panels
+from ..dtypes import auto_dtype
 from ..errors import ModAdapterError
 from .state import (
     RNG_FORMAT,
@@ -528,7 +529,7 @@ class _StopFlag:
 def _autocast(cfg: LoopConfig, device: torch.device):
     mode = cfg.mixed_precision
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "no"
+        mode = "bf16" if auto_dtype(device) == torch.bfloat16 else "no"
     if mode == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

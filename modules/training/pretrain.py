@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..adapter import ModAdapter
+from ..dtypes import resolve_dtype
 from ..errors import ModAdapterError
 from ..router import assign_experts, fit_kmeans
 from .features import (
@@ -51,7 +52,6 @@ from .stages import (
     load_image_encoder,
     load_router,
     load_text_side,
-    parse_dtype,
     predict_deltas,
     resolve_adapter_config,
 )
@@ -70,7 +70,7 @@ def fit_router(manifest: str, *, flux: str, out: str, experts: int = 12, seed: i
     if len(words) < experts:
         raise ModAdapterError(f"the manifest has {len(words)} distinct concept word(s), fewer than --experts {experts}; "
                               f"use fewer experts or more words")
-    clip_model, clip_tokenizer, vector_in = load_text_side(flux, components, clip_l, device, parse_dtype(dtype))
+    clip_model, clip_tokenizer, vector_in = load_text_side(flux, components, clip_l, device, resolve_dtype(dtype))
     features = neutral_features(words, clip_model, clip_tokenizer, vector_in)
     centroids = fit_kmeans(features, experts, seed=seed, iterations=iterations)
     save_router_file(out, centroids, seed=seed, words=words, base_model=base_model,
@@ -168,7 +168,7 @@ def run_pretrain(settings: PretrainSettings, loop: LoopConfig) -> TrainingResult
 
     ctx = setup_distributed(settings.device)
     try:
-        text_dtype = parse_dtype(settings.text_dtype)
+        text_dtype = resolve_dtype(settings.text_dtype)
         encoder = load_image_encoder(settings.image_encoder, settings.image_encoder_weights, ctx.device,
                                      config_file=settings.image_encoder_config)
         if encoder.token_width != config.image_token_dim:

@@ -28,17 +28,6 @@ from .features import (
 )
 from .manifest import ManifestRecord
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise ModAdapterError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
-
-
 # --------------------------------------------------------------------------
 # Adapter configuration
 # --------------------------------------------------------------------------
