@@ -23,6 +23,9 @@ Presets:
 * ``flux1-full``: the FLUX.1 configuration (hidden 3072, 24 heads, 19 double + 38
   single blocks, context 4096, vec 768), 1024x1024 (4096 image tokens) + 512 text
   tokens, bfloat16, for a GPU.
+* ``tiny``: hidden 256, 2 heads of 128, 1 double + 2 single blocks, context 64, vec 32,
+  64x64 image (16 image tokens) + 48 text tokens, float32: a smoke check of the script
+  (seconds on a CPU), not a measurement.
 
 Weights are random: built uninitialised (ComfyUI's ops; diffusers on the meta
 device), then matrices and biases drawn from N(0, 0.02) and norm scales set to 1.
@@ -78,6 +81,9 @@ import torch
 from _measure import fill_random, reset_peak_rss, status_kb, synchronize
 
 PRESETS: Dict[str, Dict[str, Any]] = {
+    # Smoke check of the whole script in seconds (e.g. benchmarks/gpu.sh --cpu-tiny); its numbers mean nothing.
+    "tiny": dict(hidden=256, heads=2, double=1, single=2, context_dim=64, vec_dim=32, resolution=64,
+                 text_len=48, dtype="float32", device="cpu", steps=2, repeats=2),
     "cpu-mid": dict(hidden=1024, heads=8, double=1, single=2, context_dim=4096, vec_dim=768, resolution=512,
                     text_len=256, dtype="float32", device="cpu", steps=3, repeats=4),
     "flux1-full": dict(hidden=3072, heads=24, double=19, single=38, context_dim=4096, vec_dim=768, resolution=1024,

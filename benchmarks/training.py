@@ -92,12 +92,22 @@ def tokenizer_dir() -> Path:
 
 @torch.no_grad()
 def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Normal(0, 0.02) matrices, unit norm weights, zero biases: values never matter for speed, only finiteness."""
+    """Normal(0, 0.02) matrices, unit norm weights, zero biases: values never matter for speed, only finiteness.
+
+    CPU parameters are drawn from one CPU generator (the same values as always); parameters on a GPU are
+    drawn there, from a generator of their own device: drawing FLUX.1's 12B numbers on the CPU and copying
+    them over would take minutes.
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    device_generators: Dict[torch.device, torch.Generator] = {}
     for name, p in module.named_parameters():
         if p.device.type == "meta":
             continue
-        if p.ndim >= 2:
+        if p.ndim >= 2 and p.device.type != "cpu":
+            if p.device not in device_generators:
+                device_generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            p.normal_(0.0, 0.02, generator=device_generators[p.device])
+        elif p.ndim >= 2:
             p.copy_((torch.randn(p.shape, generator=generator) * 0.02).to(p.dtype))
         elif "norm" in name or name.endswith(("ln.weight", "layernorm.weight")) or "scale" in name:
             p.fill_(1.0 if name.endswith("weight") else 0.0)

@@ -221,6 +221,13 @@ def save_concept(path, concept: Concept, *, num_double_blocks: Optional[int] = N
     save_safetensors(path, {DELTA_TENSOR: delta}, metadata)
 
 
+def word_file_stem(word: str) -> str:
+    """The part of a file name that stands for a concept word, everywhere the pack names a file after one
+    (concept files, `mod-adapter learn`, training's validation images): letters, digits, '-' and '_' only,
+    at most 64 characters, 'concept' when nothing is left."""
+    return re.sub(r"[^\w-]+", "_", word.strip()).strip("_")[:64] or "concept"
+
+
 def new_concept_path(folder, prefix: str, word: str) -> str:
     """A new, unused path ``<folder>/<prefix>_<word>_<NNNNN>.safetensors``.
 
@@ -230,7 +237,7 @@ def new_concept_path(folder, prefix: str, word: str) -> str:
     if prefix.startswith("/") or ".." in prefix.split("/") or os.path.isabs(prefix):
         raise ConceptFileError(f"filename_prefix {prefix!r} must stay inside the concept folder: use a plain name "
                                f"or a relative subfolder like 'people/anna'")
-    safe_word = re.sub(r"[^\w-]+", "_", word.strip()).strip("_") or "concept"
+    safe_word = word_file_stem(word)
     target_dir = os.path.join(os.fspath(folder), os.path.dirname(prefix))
     os.makedirs(target_dir, exist_ok=True)
     stem = f"{os.path.basename(prefix) or 'concept'}_{safe_word}"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .concept_file import word_file_stem
 from .diffusers_flux_host import DiffusersFluxConcepts
 from .dtypes import resolve_dtype
 from .errors import ModAdapterError
@@ -134,11 +134,6 @@ def load_concept_images(paths: Sequence[str], resolution: int) -> Tuple[torch.Te
 # --------------------------------------------------------------------------
 
 
-def _file_name_for_word(word: str) -> str:
-    name = re.sub(r"[^\w-]+", "_", word.strip()).strip("_")
-    return f"{name or 'concept'}.safetensors"
-
-
 def plan_output_paths(out: str, words: Sequence[str], *, overwrite: bool = False) -> List[str]:
     """Concept file path of each word; checked before any work starts.
 
@@ -157,7 +152,7 @@ def plan_output_paths(out: str, words: Sequence[str], *, overwrite: bool = False
     else:
         if os.path.exists(out) and not os.path.isdir(out):
             raise ModAdapterError(f"--out '{out}' exists and is not a folder; give a folder or a .safetensors file name")
-        paths = [os.path.join(out, _file_name_for_word(w)) for w in words]
+        paths = [os.path.join(out, f"{word_file_stem(w)}.safetensors") for w in words]
         if len(set(paths)) != len(paths):
             raise ModAdapterError(f"The words {list(words)} give the same file names in '{out}'; learn them separately")
     existing = [p for p in paths if os.path.exists(p)]

@@ -42,7 +42,6 @@ freed after. FLUX is frozen, so no gradient is reduced for it.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +50,7 @@ import torch
 from ..adapter import ModAdapter
 from ..checkpoint import load_adapter_checkpoint
 from ..diffusers_flux_host import DiffusersFluxConcepts
+from ..concept_file import word_file_stem
 from ..dtypes import resolve_dtype
 from ..errors import ModAdapterError, ModelMismatchError
 from ..flux_diffusers import (
@@ -341,7 +341,7 @@ class FluxTrainTask(TrainingTask):
             delta = predict_deltas(self.adapter, self.encoder, self.neutral, [image], [mask], [word], self.device)[0][0].float()
             seed = self.settings.validation_seed + i
             image = self.sample(prompt_embeds, pooled, [TokenConcept(delta, positions, name=word)], seed, resolution)
-            name = f"{i:02d}-{_slug(word)}.png"
+            name = f"{i:02d}-{word_file_stem(word)}.png"
             if ctx.is_main:
                 os.makedirs(folder, exist_ok=True)
                 _save_png(image, os.path.join(folder, name))
@@ -373,10 +373,6 @@ def _run_settings(s: FluxTrainSettings, config) -> Dict[str, Any]:
     return {"resolution": s.resolution, "max_sequence_length": s.max_sequence_length, "guidance": s.guidance,
             "timestep_sampling": s.timestep_sampling, "timestep_shift": s.timestep_shift,
             "logit_mean": s.logit_mean, "logit_std": s.logit_std, "config": config.to_dict()}
-
-
-def _slug(word: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", word).strip("_")[:40] or "concept"
 
 
 def _save_png(image: torch.Tensor, path: str) -> None:
