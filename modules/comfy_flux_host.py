@@ -26,8 +26,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import ModelMismatchError, ModAdapterError
-from .token_modulation import ModulationPlan, TokenConcept, build_plan, modulation_rows, rows_to_tokens
+from .errors import ModAdapterError
+from .flux_layout import FluxLayout, comfy_text_modulation_keys
+from .token_modulation import (
+    ModulationPlan,
+    TokenConcept,
+    build_plan,
+    modulation_rows,
+    rows_to_tokens,
+)
 
 # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 DIFFUSION_MODEL_WRAPPER = "diffusion_model"
@@ -267,72 +274,13 @@ def _spread_to_tokens(out, plan: ModulationPlan, trailing: int):
     return dataclasses.replace(out, **dict(zip(names, spread)))
 
 
-@dataclass(frozen=True)
-class FluxLayout:
-    num_double_blocks: int
-    num_single_blocks: int
-    hidden_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        return self.num_double_blocks + self.num_single_blocks
-
-
-def _module_keys(layout: FluxLayout) -> List[str]:
-    return ([f"diffusion_model.double_blocks.{i}.txt_mod" for i in range(layout.num_double_blocks)]
-            + [f"diffusion_model.single_blocks.{j}.modulation" for j in range(layout.num_single_blocks)])
-
-
-def inspect_flux1(model_patcher) -> FluxLayout:
-    """Check that a ComfyUI MODEL is FLUX.1-shaped and return its block layout.
-
-    Raises ModelMismatchError with what was found and what to load instead.
-    """
-    get = getattr(model_patcher, "get_model_object", None)
-    if get is None:
-        raise ModelMismatchError(f"Expected a ComfyUI MODEL, got {type(model_patcher).__name__}")
-    diffusion_model = get("diffusion_model")
-    kind = type(diffusion_model).__name__
-    double_blocks = getattr(diffusion_model, "double_blocks", None)
-    single_blocks = getattr(diffusion_model, "single_blocks", None)
-    if double_blocks is None or single_blocks is None:
-        raise ModelMismatchError(
-            f"Mod-Adapter needs a FLUX.1 model (dev, schnell or a fine-tune of them), but this MODEL is {kind} "
-            f"({type(getattr(model_patcher, 'model', None)).__name__}), which has no FLUX double/single stream blocks. "
-            f"Load a FLUX.1 checkpoint with Load Diffusion Model (UNETLoader) or Load Checkpoint."
-        )
-    if kind == "Chroma" or not all(hasattr(b, "txt_mod") for b in double_blocks):
-        raise ModelMismatchError(
-            f"This MODEL ({kind}) is FLUX-like but its blocks have no per-block text modulation layer "
-            f"(Chroma and FLUX.2 compute modulation once for the whole model). Mod-Adapter predicts one direction per "
-            f"FLUX.1 block: load a FLUX.1 model."
-        )
-    layout = FluxLayout(len(double_blocks), len(single_blocks), int(double_blocks[0].txt_mod.lin.in_features))
-    for key in _module_keys(layout):
-        module = get(key)
-        if not hasattr(module, "lin"):
-            raise ModelMismatchError(f"{kind}: {key} is not a modulation layer with a `lin` projection; this is not FLUX.1")
-    return layout
-
-
-def check_concepts_fit(layout: FluxLayout, concepts: Sequence[TokenConcept]) -> None:
-    for c in concepts:
-        rows, width = c.delta.shape
-        if (rows, width) != (layout.num_blocks, layout.hidden_size):
-            raise ModelMismatchError(
-                f"Concept {c.name!r} has a Δ table of {rows}×{width}, but this FLUX model has "
-                f"{layout.num_double_blocks}+{layout.num_single_blocks} = {layout.num_blocks} blocks of width "
-                f"{layout.hidden_size}. The concept was made for a different base model: re-create it for this one."
-            )
-
-
 def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_fingerprint: Optional[torch.Tensor] = None):
     """Return a clone of `model_patcher` whose concept tokens use `vec + s·Δ_i`.
 
     The input MODEL is not changed. Applying again to an already patched clone
     adds the new concepts to the ones there (one patch, one set of rows).
     """
-    layout = inspect_flux1(model_patcher)
+    layout = FluxLayout.from_comfy_model(model_patcher)
     model_sampling = model_patcher.get_model_object("model_sampling")
     token_concepts = [
         TokenConcept(
@@ -345,10 +293,11 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
         )
         for c in concepts
     ]
-    check_concepts_fit(layout, token_concepts)
+    for concept in token_concepts:
+        layout.check_delta(concept.delta.shape, concept.name)
 
     patched = model_patcher.clone()
-    first = patched.get_model_object(_module_keys(layout)[0])
+    first = patched.get_model_object(comfy_text_modulation_keys(layout)[0])
     previous = first.patch if isinstance(first, PerTokenModulation) else None
     if previous is not None:
         if previous.prompt_fingerprint is not None and prompt_fingerprint is not None and not (
@@ -366,7 +315,7 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
 
 def install_patch(patched, layout: FluxLayout, patch: FluxTokenModulationPatch) -> None:
     """Put `patch` on every text modulation module of the clone `patched` (replacing ours if there)."""
-    for block_index, key in enumerate(_module_keys(layout)):
+    for block_index, key in enumerate(comfy_text_modulation_keys(layout)):
         original = patched.get_model_object(key)
         if isinstance(original, PerTokenModulation):
             original = original.original

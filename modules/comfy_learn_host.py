@@ -26,8 +26,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 
-from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, inspect_flux1, install_patch
+from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, install_patch
 from .errors import ModAdapterError
+from .flux_layout import FluxLayout
 from .token_modulation import TokenConcept
 
 
@@ -137,7 +138,7 @@ class ComfyFluxDenoiser:
 
     def __init__(self, model_patcher, context: torch.Tensor, pooled: torch.Tensor, guidance: Optional[float] = 3.5,
                  *, gradient_checkpointing: bool = True):
-        layout = inspect_flux1(model_patcher)
+        layout = FluxLayout.from_comfy_model(model_patcher)
         self.num_blocks = layout.num_blocks
         self.modulation_dim = layout.hidden_size
         self.patch = LiveTokenModulationPatch()

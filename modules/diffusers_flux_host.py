@@ -22,8 +22,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import ModAdapterError, ModelMismatchError
-from .token_modulation import ModulationPlan, TokenConcept, build_plan, modulation_rows, rows_to_tokens
+from .errors import ModAdapterError
+from .flux_layout import FluxLayout
+from .token_modulation import (
+    ModulationPlan,
+    TokenConcept,
+    build_plan,
+    modulation_rows,
+    rows_to_tokens,
+)
 
 
 class TokenwiseModulation:
@@ -105,18 +112,6 @@ class _ConceptNormWrapper(torch.nn.Module):
                 TokenwiseModulation(scale_mlp), TokenwiseModulation(gate_mlp))
 
 
-def _check_flux_transformer(transformer) -> tuple:
-    double = getattr(transformer, "transformer_blocks", None)
-    single = getattr(transformer, "single_transformer_blocks", None)
-    if double is None or single is None or not all(hasattr(b, "norm1_context") for b in double) \
-            or not all(hasattr(b, "norm") for b in single):
-        raise ModelMismatchError(
-            f"Expected a diffusers FluxTransformer2DModel (FLUX.1), got {type(transformer).__name__}"
-        )
-    width = double[0].norm1_context.linear.in_features
-    return len(double), len(single), width
-
-
 class DiffusersFluxConcepts:
     """Per-token concept modulation installed on a diffusers FLUX.1 transformer.
 
@@ -132,7 +127,9 @@ class DiffusersFluxConcepts:
     """
 
     def __init__(self, transformer: torch.nn.Module):
-        self.num_double_blocks, self.num_single_blocks, self.width = _check_flux_transformer(transformer)
+        self.layout = FluxLayout.from_diffusers(transformer)
+        self.num_double_blocks, self.num_single_blocks = self.layout.num_double_blocks, self.layout.num_single_blocks
+        self.width = self.layout.hidden_size
         self.transformer = transformer
         self.state = _DiffusersHostState()
         self._installed = []
@@ -163,11 +160,7 @@ class DiffusersFluxConcepts:
 
     def set_concepts(self, concepts: Sequence[TokenConcept]) -> None:
         for c in concepts:
-            if tuple(c.delta.shape) != (self.num_blocks, self.width):
-                raise ModelMismatchError(
-                    f"Concept {c.name!r} has a Δ table of {tuple(c.delta.shape)}, but this FLUX transformer needs "
-                    f"({self.num_blocks}, {self.width})"
-                )
+            self.layout.check_delta(c.delta.shape, c.name)
         self.state.concepts = tuple(concepts)
         self.state._planned = False
 

@@ -4,9 +4,9 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..modules.comfy_flux_host import inspect_flux1
 from ..modules.concept_set import PredictionRequest, chain
 from ..modules.errors import ModelMismatchError
+from ..modules.flux_layout import FluxLayout
 from .sockets import CATEGORY, ConceptEmbedsSocket, ConceptsSocket, ModAdapterSocket
 
 
@@ -27,15 +27,8 @@ def neutral_feature(model, word_pooled: torch.Tensor) -> torch.Tensor:
 
 
 def check_adapter_fits(runner, model, embeds) -> None:
-    layout = inspect_flux1(model)
     config = runner.config
-    if (config.num_blocks, config.num_double_blocks, config.modulation_dim) != (
-            layout.num_blocks, layout.num_double_blocks, layout.hidden_size):
-        raise ModelMismatchError(
-            f"The adapter {runner.name} predicts {config.num_double_blocks}+{config.num_single_blocks} blocks of width "
-            f"{config.modulation_dim}, but this MODEL has {layout.num_double_blocks}+{layout.num_single_blocks} blocks "
-            f"of width {layout.hidden_size}: use an adapter trained for this base model."
-        )
+    FluxLayout.from_comfy_model(model).check_adapter(config, runner.name)
     width = embeds.image_tokens.shape[-1]
     if width != config.image_token_dim:
         encoder = runner.metadata.get("image_encoder", {}) if isinstance(runner.metadata, dict) else {}

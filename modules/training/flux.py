@@ -49,10 +49,10 @@ import torch
 
 from ..adapter import ModAdapter
 from ..checkpoint import load_adapter_checkpoint
-from ..diffusers_flux_host import DiffusersFluxConcepts
 from ..concept_file import word_file_stem
+from ..diffusers_flux_host import DiffusersFluxConcepts
 from ..dtypes import resolve_dtype
-from ..errors import ModAdapterError, ModelMismatchError
+from ..errors import ModAdapterError
 from ..flux_diffusers import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_TRAINING_GUIDANCE,
@@ -64,6 +64,7 @@ from ..flux_diffusers import (
     vae_decode,
     vae_encode,
 )
+from ..flux_layout import FluxLayout
 from ..token_modulation import TokenConcept
 from ..token_positions import TextSequenceLayout, find_concept_positions
 from .features import LruTextCache, read_flux_transformer_config, vector_in_of
@@ -177,19 +178,6 @@ def tokenizer_t5_layout(tokenizer, max_sequence_length: int) -> TextSequenceLayo
                                                 max_length=max_sequence_length)
 
 
-def check_adapter_fits_flux(config, flux_config: Dict[str, Any], where: str) -> None:
-    blocks = flux_config["num_layers"] + flux_config["num_single_layers"]
-    problems = []
-    if config.num_blocks != blocks:
-        problems.append(f"num_blocks {config.num_blocks} vs FLUX's {blocks} blocks")
-    if config.num_double_blocks != flux_config["num_layers"]:
-        problems.append(f"num_double_blocks {config.num_double_blocks} vs FLUX's {flux_config['num_layers']}")
-    if config.modulation_dim != flux_config["width"]:
-        problems.append(f"modulation_dim {config.modulation_dim} vs FLUX's width {flux_config['width']}")
-    if problems:
-        raise ModelMismatchError(f"the adapter ({where}) does not fit this FLUX transformer: " + "; ".join(problems))
-
-
 # --------------------------------------------------------------------------
 # Flow matching
 # --------------------------------------------------------------------------
@@ -301,7 +289,10 @@ class FluxTrainTask(TrainingTask):
     def sample(self, prompt_embeds, pooled, concepts: Sequence[TokenConcept], seed: int, resolution: int) -> torch.Tensor:
         """A FluxPipeline-style Euler sample of the flow ODE with ``concepts`` applied; image (3, H, W) in 0..1."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.flux.pipeline_flux import (
+            calculate_shift,
+            retrieve_timesteps,
+        )
 
         pipe, device = self.pipe, self.device
         scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -437,7 +428,7 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
             raise ModAdapterError(f"--init {settings.init} has no fitted router; pre-train with --router")
     else:
         config = resolve_adapter_config(settings.preset, settings.config)
-    check_adapter_fits_flux(config, flux_config, settings.init or "config")
+    FluxLayout.from_config(flux_config).check_adapter(config, f"({settings.init or 'config'})")
     centroids, router_info = load_router(settings.router, config)
     if not settings.router and not settings.init and config.num_experts > 1:
         raise ModAdapterError("give --init (a pre-training checkpoint) or --router with --preset/--config")
