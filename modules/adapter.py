@@ -309,13 +309,16 @@ class ModAdapter(nn.Module):
     def route(self, neutral: torch.Tensor) -> torch.Tensor:
         """Expert index (LongTensor (C,)) of each concept: nearest centroid of its neutral feature."""
         self._check_neutral(neutral)
+        return self._nearest_experts(neutral)
+
+    def _nearest_experts(self, neutral: torch.Tensor) -> torch.Tensor:
         if self.config.num_experts == 1:
             return torch.zeros(neutral.shape[0], dtype=torch.long, device=neutral.device)
         return assign_experts(neutral.float(), self.router_centroids.to(neutral.device))
 
     # -- forward ----------------------------------------------------------------------
 
-    def _check_neutral(self, neutral: torch.Tensor) -> None:
+    def _check_neutral(self, neutral: torch.Tensor, check_values: bool = True) -> None:
         cfg = self.config
         if not isinstance(neutral, torch.Tensor) or neutral.dim() != 2 or neutral.shape[1] != cfg.modulation_dim:
             got = tuple(neutral.shape) if isinstance(neutral, torch.Tensor) else type(neutral).__name__
@@ -325,12 +328,14 @@ class ModAdapter(nn.Module):
             )
         if neutral.shape[0] == 0:
             raise ModAdapterError("no concepts given: neutral features have 0 rows")
-        if not neutral.is_floating_point() or not torch.isfinite(neutral).all():
+        if not neutral.is_floating_point() or (check_values and not torch.isfinite(neutral).all()):
             raise ModAdapterError("neutral features contain NaN or Inf (or are not floating point); check the text encoder output")
 
-    def _check_inputs(self, neutral, image_tokens, key_mask, experts) -> None:
+    def _check_inputs(self, neutral, image_tokens, key_mask, experts, check_values: bool = True) -> None:
+        """Types and shapes always (no host synchronisation); values (finite, a kept token per concept,
+        experts in range) only with ``check_values``: each costs a device-to-host synchronisation."""
         cfg = self.config
-        self._check_neutral(neutral)
+        self._check_neutral(neutral, check_values)
         count = neutral.shape[0]
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.dim() != 3:
             got = tuple(image_tokens.shape) if isinstance(image_tokens, torch.Tensor) else type(image_tokens).__name__
@@ -347,19 +352,19 @@ class ModAdapter(nn.Module):
             raise ModAdapterError(f"got {count} neutral features but image tokens for {image_tokens.shape[0]} concepts")
         if image_tokens.shape[1] == 0:
             raise ModAdapterError("image tokens are empty: every concept needs at least one reference image")
-        if not image_tokens.is_floating_point() or not torch.isfinite(image_tokens).all():
+        if not image_tokens.is_floating_point() or (check_values and not torch.isfinite(image_tokens).all()):
             raise ModAdapterError("image tokens contain NaN or Inf (or are not floating point); check the image encoder output")
         if key_mask is not None:
             if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != tuple(image_tokens.shape[:2]):
                 got = (tuple(key_mask.shape), key_mask.dtype) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
                 raise ModAdapterError(f"key_mask must be a bool tensor of shape {tuple(image_tokens.shape[:2])}, got {got}")
-            empty = (~key_mask.any(dim=1)).nonzero().flatten().tolist()
+            empty = (~key_mask.any(dim=1)).nonzero().flatten().tolist() if check_values else []
             if empty:
                 raise ModAdapterError(f"key_mask keeps no image token for concept(s) {empty}; keep at least the CLS token")
         if experts is not None:
             if not isinstance(experts, torch.Tensor) or experts.dtype != torch.long or tuple(experts.shape) != (count,):
                 raise ModAdapterError(f"experts must be a LongTensor of shape ({count},)")
-            if experts.numel() and (experts.min() < 0 or experts.max() >= cfg.num_experts):
+            if check_values and experts.numel() and (experts.min() < 0 or experts.max() >= cfg.num_experts):
                 raise ModAdapterError(f"expert indices must lie in 0..{cfg.num_experts - 1}, got {experts.tolist()}")
 
     def block_features(self, neutral: torch.Tensor, image_tokens: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -385,16 +390,22 @@ class ModAdapter(nn.Module):
         image_tokens: torch.Tensor,
         key_mask: Optional[torch.Tensor] = None,
         experts: Optional[torch.Tensor] = None,
+        *,
+        check_values: bool = True,
     ) -> torch.Tensor:
         """Δ (C, num_blocks, modulation_dim) for C concepts.
 
         neutral (C, modulation_dim); image_tokens (C, T, image_token_dim);
         key_mask (C, T) bool, True = attend (None = all tokens); experts
         (C,) LongTensor to override routing (None = nearest centroid).
+        check_values=False skips the checks that synchronise with the device
+        (finite inputs, a kept token per concept): for callers whose inputs were
+        validated where they entered (the nodes, training's data), so that the
+        hot path runs without host synchronisations.
         """
-        self._check_inputs(neutral, image_tokens, key_mask, experts)
+        self._check_inputs(neutral, image_tokens, key_mask, experts, check_values)
         if experts is None:
-            experts = self.route(neutral)
+            experts = self._nearest_experts(neutral)  # the inputs were checked just above
         features = self.block_features(neutral, image_tokens, key_mask)
         experts = experts.to(features.device)
         delta = features.new_zeros(features.shape[0], self.config.num_blocks, self.config.modulation_dim)

@@ -35,7 +35,9 @@ class AdapterRunner:
         mm.load_model_gpu(self.patcher)
         device = self.patcher.load_device
         dtype = next(self.adapter.parameters()).dtype
-        delta = self.adapter(neutral.to(device, dtype), image_tokens.to(device, dtype), key_mask.to(device))
+        # ConceptEmbeds checked the tokens and the word's embedding when they entered the graph.
+        delta = self.adapter(neutral.to(device, dtype), image_tokens.to(device, dtype), key_mask.to(device),
+                             check_values=False)
         return delta.float().to(mm.intermediate_device())
 
 
