@@ -21,7 +21,7 @@
 # benchmarks/out/gpu_results.md.
 #
 # Environment: PYTHON (default: python, else python3), GPU_SH_TINY=1, GPU_SH_BUDGET_S (seconds for
-# all parts; default 420 full, 110 tiny), GPU_SH_PARTS (comma-separated part names to run, default
+# all parts; default 420 full, 150 tiny), GPU_SH_PARTS (comma-separated part names to run, default
 # all), COMFYUI_PATH (adds mod-comfy), MOD_ADAPTER_TEST_DATA (tokenizer files for training; default
 # ../shared/data or ./shared/data). Exit status: 0 when every part that ran passed, 1 otherwise.
 
@@ -61,7 +61,7 @@ if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 if [ -z "$budget" ]; then
-    if [ "$tiny" = 1 ]; then budget="${GPU_SH_BUDGET_S:-110}"; else budget="${GPU_SH_BUDGET_S:-420}"; fi
+    if [ "$tiny" = 1 ]; then budget="${GPU_SH_BUDGET_S:-150}"; else budget="${GPU_SH_BUDGET_S:-420}"; fi
 fi
 export PYTHONUNBUFFERED=1
 mode_name=$([ "$tiny" = 1 ] && echo "cpu-tiny" || echo "full (GPU)")
@@ -81,17 +81,17 @@ script_start=$(now)
 # ---------------------------------------------------------------------------------------------------
 {
     echo "- python: \`$PYTHON\` ($(command -v "$PYTHON" 2>/dev/null || echo 'not found'))"
-    if "$PYTHON" -c "import mod_adapter.modules" >/dev/null 2>&1; then
-        echo "- mod_adapter: importable as installed ($("$PYTHON" -c 'import mod_adapter, os; print(os.path.dirname(mod_adapter.__file__))' 2>/dev/null))"
+    if timeout 120 "$PYTHON" -c "import mod_adapter.modules" >/dev/null 2>&1; then
+        echo "- mod_adapter: importable as installed ($(timeout 120 "$PYTHON" -c 'import mod_adapter, os; print(os.path.dirname(mod_adapter.__file__))' 2>/dev/null))"
     else
         # Not installed (e.g. a bare GPU machine): the repository root is the package, so a link named
         # mod_adapter on PYTHONPATH makes it importable without installing anything.
         mkdir -p "$WORK/pkgroot" && ln -s "$REPO" "$WORK/pkgroot/mod_adapter"
         export PYTHONPATH="$WORK/pkgroot${PYTHONPATH:+:$PYTHONPATH}"
-        if "$PYTHON" -c "import mod_adapter.modules" >/dev/null 2>&1; then
+        if timeout 120 "$PYTHON" -c "import mod_adapter.modules" >/dev/null 2>&1; then
             echo "- mod_adapter: not installed; imported from this checkout through a link on PYTHONPATH"
         else
-            echo "- mod_adapter: NOT importable (the parts will fail): $("$PYTHON" -c 'import mod_adapter.modules' 2>&1 | tail -1)"
+            echo "- mod_adapter: NOT importable (the parts will fail): $(timeout 120 "$PYTHON" -c 'import mod_adapter.modules' 2>&1 | tail -1)"
         fi
     fi
     if [ -z "${MOD_ADAPTER_TEST_DATA:-}" ]; then
@@ -188,7 +188,7 @@ render
 # Parts
 # ---------------------------------------------------------------------------------------------------
 cuda_ok=1
-if [ "$tiny" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+if [ "$tiny" = 0 ] && ! timeout 120 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
     cuda_ok=0
 fi
 failures=0
@@ -246,7 +246,7 @@ run_part() {
         fi
         local total
         total=$(wc -l <"$log" | tr -d ' ')
-        echo "Output (stdout + stderr), last $tail_lines of $total lines:"
+        echo "Output (stdout + stderr), last $(( total < tail_lines ? total : tail_lines )) of $total lines:"
         echo
         echo '```'
         tail -n "$tail_lines" "$log" | cut -c1-2000
@@ -273,7 +273,7 @@ if [ "$tiny" = 1 ]; then
         "$P" benchmarks/adapter.py --preset tiny --device cpu --dtype float32 --repeats 3 --warmup 1 --json "$WORK/adapter.json"
     run_part mod-diffusers 40 "$WORK/mod-diffusers.json" \
         "$P" benchmarks/modulation.py --host diffusers --preset tiny --device cpu --steps 2 --repeats 2 --concepts 1,3,8 \
-        --threads 1 --json "$WORK/mod-diffusers.json"
+        --threads 1 --no-memory --json "$WORK/mod-diffusers.json"
     if [ -n "${COMFYUI_PATH:-}" ]; then
         run_part mod-comfy 50 "$WORK/mod-comfy.json" \
             "$P" benchmarks/modulation.py --host comfy --comfyui "$COMFYUI_PATH" --preset tiny --device cpu --steps 2 \
@@ -306,5 +306,5 @@ else
 fi
 
 render
-echo "[gpu.sh] done in $(secs "$script_start" "$(now)") s, $failures part(s) failed; results: $outfile" >&2
+echo "[gpu.sh] done in $(secs "$script_start" "$(now)") s, $failures part(s) failed or not run; results: $outfile" >&2
 [ "$failures" = 0 ]
