@@ -198,18 +198,20 @@ def block_position_encoding(num_blocks: int, dim: int, *, device=None, dtype=tor
 class CrossAttentionBlock(nn.Module):
     """Pre-norm block: queries attend to image tokens, then an MLP; both residual."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, *, dtype=None, device=None, operations=nn):
         super().__init__()
+        ops = dict(dtype=dtype, device=device)
         self.num_heads = num_heads
-        self.norm_query = nn.LayerNorm(hidden_dim)
-        self.norm_keys = nn.LayerNorm(hidden_dim)
-        self.to_q = nn.Linear(hidden_dim, hidden_dim)
-        self.to_k = nn.Linear(hidden_dim, hidden_dim)
-        self.to_v = nn.Linear(hidden_dim, hidden_dim)
-        self.to_out = nn.Linear(hidden_dim, hidden_dim)
+        self.norm_query = operations.LayerNorm(hidden_dim, **ops)
+        self.norm_keys = operations.LayerNorm(hidden_dim, **ops)
+        self.to_q = operations.Linear(hidden_dim, hidden_dim, **ops)
+        self.to_k = operations.Linear(hidden_dim, hidden_dim, **ops)
+        self.to_v = operations.Linear(hidden_dim, hidden_dim, **ops)
+        self.to_out = operations.Linear(hidden_dim, hidden_dim, **ops)
         mlp_width = int(round(hidden_dim * mlp_ratio))
-        self.norm_mlp = nn.LayerNorm(hidden_dim)
-        self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_width), nn.GELU(), nn.Linear(mlp_width, hidden_dim))
+        self.norm_mlp = operations.LayerNorm(hidden_dim, **ops)
+        self.mlp = nn.Sequential(operations.Linear(hidden_dim, mlp_width, **ops), nn.GELU(),
+                                 operations.Linear(mlp_width, hidden_dim, **ops))
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # queries (C, N, H), keys (C, T, H), attention_mask (C, 1, 1, T) bool (True = attend)
@@ -228,37 +230,49 @@ class CrossAttentionBlock(nn.Module):
 class ExpertMLP(nn.Module):
     """hidden_dim -> expert_hidden_dim -> modulation_dim; predicts the residual Δ = F+ − n."""
 
-    def __init__(self, hidden_dim: int, expert_hidden_dim: int, modulation_dim: int):
+    def __init__(self, hidden_dim: int, expert_hidden_dim: int, modulation_dim: int, *, dtype=None, device=None,
+                 operations=nn):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_dim, expert_hidden_dim)
-        self.fc2 = nn.Linear(expert_hidden_dim, modulation_dim)
+        self.fc1 = operations.Linear(hidden_dim, expert_hidden_dim, dtype=dtype, device=device)
+        self.fc2 = operations.Linear(expert_hidden_dim, modulation_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class ModAdapter(nn.Module):
-    """Predicts Δ (C, num_blocks, modulation_dim) for C concepts; see the module docstring."""
+    """Predicts Δ (C, num_blocks, modulation_dim) for C concepts; see the module docstring.
 
-    def __init__(self, config: ModAdapterConfig):
+    Built the way ComfyUI builds its own models: ``operations`` provides
+    ``Linear`` and ``LayerNorm`` (``torch.nn`` by default; inside ComfyUI one of
+    ``comfy.ops``, so that ComfyUI can cast the weights per forward, load the
+    adapter partially in low VRAM and offload it after a prediction), created
+    with ``dtype`` and ``device``.
+    """
+
+    def __init__(self, config: ModAdapterConfig, *, dtype=None, device=None, operations=nn):
         super().__init__()
         if not isinstance(config, ModAdapterConfig):
             raise ModAdapterError(f"ModAdapter needs a ModAdapterConfig, got {type(config).__name__}")
         self.config = config
         h = config.hidden_dim
-        self.neutral_norm = nn.LayerNorm(config.modulation_dim)
-        self.neutral_to_queries = nn.Linear(config.modulation_dim, config.num_blocks * h)
-        self.image_norm = nn.LayerNorm(config.image_token_dim)
-        self.image_proj = nn.Linear(config.image_token_dim, h)
+        ops = dict(dtype=dtype, device=device)
+        self.neutral_norm = operations.LayerNorm(config.modulation_dim, **ops)
+        self.neutral_to_queries = operations.Linear(config.modulation_dim, config.num_blocks * h, **ops)
+        self.image_norm = operations.LayerNorm(config.image_token_dim, **ops)
+        self.image_proj = operations.Linear(config.image_token_dim, h, **ops)
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.num_cross_attention_blocks)
+            CrossAttentionBlock(h, config.num_heads, config.mlp_ratio, operations=operations, **ops)
+            for _ in range(config.num_cross_attention_blocks)
         )
-        self.output_norm = nn.LayerNorm(h)
+        self.output_norm = operations.LayerNorm(h, **ops)
         self.experts = nn.ModuleList(
-            ExpertMLP(h, config.expert_hidden_dim, config.modulation_dim) for _ in range(config.num_experts)
+            ExpertMLP(h, config.expert_hidden_dim, config.modulation_dim, operations=operations, **ops)
+            for _ in range(config.num_experts)
         )
         # Zero centroids until fitted (fit_kmeans): every concept then routes to expert 0.
-        self.register_buffer(ROUTER_BUFFER, torch.zeros(config.num_experts, config.modulation_dim, dtype=torch.float32))
+        self.register_buffer(ROUTER_BUFFER, torch.zeros(config.num_experts, config.modulation_dim, dtype=torch.float32,
+                                                        device=device))
         self.reset_expert_outputs()
 
     # -- initialisation / parameters ------------------------------------------------

@@ -267,10 +267,12 @@ def save_adapter_checkpoint(
     save_safetensors(path, state, metadata)
 
 
-def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] = None) -> LoadedAdapter:
+def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] = None,
+                            operations=torch.nn) -> LoadedAdapter:
     """Load and validate a checkpoint; the adapter comes back in eval mode.
 
     dtype: the weights' dtype (None = as stored). The router centroids stay float32.
+    operations: what builds the layers (see :class:`ModAdapter`; ComfyUI passes one of comfy.ops).
     """
     parsed, header_tensors = _read_and_validate_header(path)
     config: ModAdapterConfig = parsed["config"]
@@ -280,8 +282,7 @@ def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] 
         dtype = stored.pop() if len(stored) == 1 else torch.float32
     for name in list(tensors):
         tensors[name] = tensors[name].to(dtype=torch.float32 if name == ROUTER_BUFFER else dtype)
-    with torch.device("meta"):
-        adapter = ModAdapter(config)
+    adapter = ModAdapter(config, device="meta", operations=operations)
     # assign=True adopts the loaded tensors instead of copying into meta storage.
     adapter.load_state_dict(tensors, strict=True, assign=True)
     adapter.eval()

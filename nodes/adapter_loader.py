@@ -4,6 +4,7 @@ import os
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -18,7 +19,11 @@ class AdapterRunner:
     moves it to the GPU for a prediction and offloads it when memory is needed."""
 
     def __init__(self, path: str, dtype: torch.dtype):
-        loaded = load_adapter_checkpoint(path, device="cpu", dtype=dtype)
+        load_device = mm.get_torch_device()
+        # Layers from comfy.ops, as ComfyUI builds its own models: it can then cast the weights per forward
+        # and load the adapter partially when VRAM is short (a FLUX.1 already fills most GPUs).
+        operations = comfy.ops.pick_operations(dtype, dtype, load_device=load_device)
+        loaded = load_adapter_checkpoint(path, device="cpu", dtype=dtype, operations=operations)
         self.adapter = loaded.adapter
         self.config = loaded.config
         self.metadata = loaded.metadata
@@ -29,7 +34,7 @@ class AdapterRunner:
         holder = torch.nn.Module()
         holder.adapter = self.adapter
         self.patcher = comfy.model_patcher.ModelPatcher(
-            holder, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+            holder, load_device=load_device, offload_device=mm.unet_offload_device())
 
     def predict(self, neutral, image_tokens, key_mask):
         mm.load_model_gpu(self.patcher)

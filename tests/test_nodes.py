@@ -257,3 +257,20 @@ def test_the_pack_creates_its_model_folders(comfyui, tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", dict(folder_paths.folder_names_and_paths))
     register_model_folders()
     assert (tmp_path / "models" / "mod_adapter").is_dir() and (tmp_path / "models" / "mod_concepts").is_dir()
+
+
+def test_the_adapter_is_built_from_comfyui_operations_and_predicts_as_the_plain_one(comfy_env):
+    """ComfyUI can only cast and partially load layers built from comfy.ops (as its own models are)."""
+    from mod_adapter.modules.checkpoint import load_adapter_checkpoint
+
+    runner = comfy_env["runner"]
+    linears = [m for m in runner.adapter.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(hasattr(m, "comfy_cast_weights") for m in linears)
+    plain = load_adapter_checkpoint(comfy_env["models"] / "mod_adapter" / "tiny.safetensors",
+                                    dtype=next(runner.adapter.parameters()).dtype).adapter
+    assert not any(hasattr(m, "comfy_cast_weights") for m in plain.modules())
+    g = torch.Generator().manual_seed(0)
+    neutral = torch.randn(2, runner.config.modulation_dim, generator=g)
+    tokens = torch.randn(2, 5, runner.config.image_token_dim, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(runner.predict(neutral, tokens, mask), plain(neutral, tokens, mask).float())
