@@ -212,8 +212,19 @@ def read_adapter_info(path) -> Dict[str, Any]:
         num_tensors=len(tensors),
         parameter_count=_count_parameters({n: s for n, (_, s) in tensors.items()}),
         bytes_by_dtype=bytes_by_dtype,
+        # "bfloat16", "float16" or "float32": what the weights load as unless a dtype is asked for
+        weight_dtype=str(_stored_weight_dtype(d for name, (d, _) in tensors.items() if name != ROUTER_BUFFER)).split(".")[-1],
     )
     return info
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_weight_dtype(dtypes) -> torch.dtype:
+    """The dtype the weights are stored in (the router centroids aside); float32 for a mixed file."""
+    stored = {_TORCH_DTYPES[d] if isinstance(d, str) else d for d in dtypes}
+    return stored.pop() if len(stored) == 1 else torch.float32
 
 
 def save_adapter_checkpoint(
@@ -278,8 +289,7 @@ def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] 
     config: ModAdapterConfig = parsed["config"]
     tensors, _ = load_safetensors_checked(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError, device=device)
     if dtype is None:
-        stored = {t.dtype for name, t in tensors.items() if name != ROUTER_BUFFER}
-        dtype = stored.pop() if len(stored) == 1 else torch.float32
+        dtype = _stored_weight_dtype(t.dtype for name, t in tensors.items() if name != ROUTER_BUFFER)
     for name in list(tensors):
         tensors[name] = tensors[name].to(dtype=torch.float32 if name == ROUTER_BUFFER else dtype)
     adapter = ModAdapter(config, device="meta", operations=operations)

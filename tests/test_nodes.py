@@ -274,3 +274,27 @@ def test_the_adapter_is_built_from_comfyui_operations_and_predicts_as_the_plain_
     tokens = torch.randn(2, 5, runner.config.image_token_dim, generator=g)
     mask = torch.ones(2, 5, dtype=torch.bool)
     torch.testing.assert_close(runner.predict(neutral, tokens, mask), plain(neutral, tokens, mask).float())
+
+
+def test_a_bf16_adapter_stays_bf16_and_computes_in_comfyuis_dtype(comfy_env):
+    """Weights stay as saved (half the memory of float32 for the paper's 1.67B parameters); comfy.ops cast them."""
+    import comfy.model_management as mm
+
+    from mod_adapter.modules.checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
+
+    folder = comfy_env["models"] / "mod_adapter"
+    plain = load_adapter_checkpoint(folder / "tiny.safetensors").adapter
+    save_adapter_checkpoint(folder / "tiny_bf16.safetensors", plain.to(torch.bfloat16), base_model="tiny-flux-test",
+                            image_encoder=comfy_env["runner"].metadata["image_encoder"])
+    try:
+        runner = comfy_env["nodes"].ModAdapterLoader.execute("tiny_bf16.safetensors").result[0]
+        assert {p.dtype for p in runner.adapter.parameters()} == {torch.bfloat16}
+        assert runner.compute_dtype == (torch.bfloat16 if mm.should_use_bf16(mm.get_torch_device()) else torch.float32)
+        g = torch.Generator().manual_seed(1)
+        neutral = torch.randn(2, runner.config.modulation_dim, generator=g)
+        tokens = torch.randn(2, 5, runner.config.image_token_dim, generator=g)
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        expected = plain.to(runner.compute_dtype)(neutral.to(runner.compute_dtype), tokens.to(runner.compute_dtype), mask)
+        torch.testing.assert_close(runner.predict(neutral, tokens, mask), expected.float(), rtol=2e-2, atol=2e-2)
+    finally:
+        os.remove(folder / "tiny_bf16.safetensors")
