@@ -68,6 +68,14 @@ def make_weights_autograd_safe(patched) -> None:
                 patched.add_object_patch(key, torch.nn.Parameter(original.detach().clone(), requires_grad=False))
 
 
+def _storage_address(tensor: torch.Tensor):
+    """Where a tensor's data lives; None for tensors without a plain storage (quantized weight subclasses)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 class CopyOnWriteStreams(torch.overrides.TorchFunctionMode):
     """Inside it, an in-place op on a block's stream tensors writes to a copy and returns the copy.
 
@@ -82,13 +90,13 @@ class CopyOnWriteStreams(torch.overrides.TorchFunctionMode):
 
     def __init__(self, *streams: torch.Tensor):
         super().__init__()
-        self._storages = {t.untyped_storage().data_ptr() for t in streams}
+        self._storages = {_storage_address(t) for t in streams} - {None}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if (name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor)
-                and args[0].untyped_storage().data_ptr() in self._storages):
+                and _storage_address(args[0]) in self._storages):
             copy = args[0].clone()
             self._storages.add(copy.untyped_storage().data_ptr())  # the copy is a stream too: `img +=` comes twice
             func(copy, *args[1:], **kwargs)

@@ -76,7 +76,7 @@ class ModAdapterLoadConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concept_name=None, **_):
+    def validate_inputs(cls, concept_name=None):  # only this input: ComfyUI still checks the others (strength range)
         return missing_file_error(CONCEPT_FOLDER, concept_name, "The concept file") or True
 
     @classmethod

@@ -240,3 +240,16 @@ def test_missing_adapter_and_concept_files_are_refused_when_queued(server):
         errors = [e for node in answer["node_errors"].values() if node["class_type"] == kind for e in node["errors"]]
         assert errors and all("is not in models/mod_" in (e["message"] + e.get("details", "")) for e in errors), answer
 
+
+
+def test_comfyui_still_checks_the_other_inputs_of_nodes_that_validate_their_files(server):
+    """A node's validate_inputs must name only its file input: ComfyUI skips its own checks of the inputs
+    validate_inputs takes (a **kwargs would switch them off for every input)."""
+    saved = tiny_workflow(SAVED_CONCEPTS)
+    for node in saved["nodes"]:
+        if node["type"] == "ModAdapterLoadConcept":
+            node["widgets_values"][1] = 99.0  # strength above its max
+    status, answer = server.request("/prompt", {"prompt": ui_to_api(saved, server.object_info)})
+    errors = [e for node in (answer.get("node_errors") or {}).values() if node["class_type"] == "ModAdapterLoadConcept"
+              for e in node["errors"]]
+    assert status == 400 and any(e["type"] == "value_bigger_than_max" for e in errors), answer
