@@ -355,8 +355,8 @@ class ExponentialMovingAverage:
                 for value, p in zip(saved, self.parameters):
                     p.copy_(value)
 
-    def load_from(self, adapter: ModAdapter, named: Dict[str, torch.Tensor]) -> None:
-        names = {id(p): n for n, p in adapter.named_parameters()}
+    def load_from(self, model: torch.nn.Module, named: Dict[str, torch.Tensor]) -> None:
+        names = {id(p): n for n, p in model.named_parameters()}
         for i, p in enumerate(self.parameters):
             self.shadow[i] = named[names[id(p)]].detach().float().to(p.device).clone()
 
@@ -455,9 +455,10 @@ def read_resume_info(path: str) -> Dict[str, Any]:
 
 
 class TrainingTask:
-    """What a stage (pre-training, main training) plugs into :func:`run_training`.
+    """What a stage (pre-training, main training, a toy-world model) plugs into :func:`run_training`.
 
-    ``adapter`` is the trainable network (on the device, float32 weights).
+    ``adapter`` is the trainable network (on the device, float32 weights); a task
+    that trains another network overrides :attr:`model` and the weight-file hooks.
     ``load_items`` prepares the samples of a micro-batch on the CPU (may run
     in a thread); ``per_sample_losses`` runs them and returns one float32 loss
     per sample, calling ``model`` (the adapter, possibly DDP-wrapped) for Δ.
@@ -481,6 +482,28 @@ class TrainingTask:
     def checkpoint_metadata(self) -> Dict[str, Any]:
         """``base_model``, ``image_encoder``, ``router_info`` and ``training`` extras for the adapter checkpoint."""
         raise NotImplementedError
+
+    # The trainable network and its weight files. The defaults are the Mod-Adapter's (the adapter checkpoint
+    # format); a task that trains another network (the toy world's models) overrides these four.
+    weights_file = ADAPTER_FILE
+    ema_weights_file = EMA_FILE
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter
+
+    def save_weights(self, path: str, summary: Dict[str, Any]) -> None:
+        """Write the current weights of :attr:`model` to ``path``, with the training summary."""
+        meta = self.checkpoint_metadata()
+        save_adapter_checkpoint(path, self.adapter, training=summary, base_model=meta["base_model"],
+                                image_encoder=meta["image_encoder"], router_info=meta["router_info"])
+
+    def load_weights(self, path: str) -> Dict[str, torch.Tensor]:
+        """The float32 weights (named as in :attr:`model`) of a file :meth:`save_weights` wrote."""
+        loaded = load_adapter_checkpoint(path, dtype=torch.float32)
+        if loaded.config != self.adapter.config:
+            raise TrainingStateError(f"{path} has another adapter config than this run")
+        return loaded.adapter.state_dict()
 
     def run_settings(self) -> Dict[str, Any]:
         """Settings that must not change across a resume (compared when resuming)."""
@@ -547,7 +570,7 @@ def _save_checkpoint(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContex
                      {"rng": capture_rng_state()}, kind=RNG_FORMAT)
     ctx.barrier()
     if ctx.is_main:
-        _save_adapter_files(task, cfg, ctx, folder, step, last_loss, ema)
+        _save_weight_files(task, cfg, ctx, folder, step, last_loss, ema)
         info = {
             "stage": task.stage,
             "step": step,
@@ -571,17 +594,16 @@ def _save_checkpoint(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContex
     return folder
 
 
-def _save_adapter_files(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, folder: str, step: int,
-                        last_loss: Optional[float], ema: Optional[ExponentialMovingAverage]) -> None:
-    """``adapter.safetensors`` (and ``adapter-ema.safetensors`` with EMA) in ``folder``, with the training summary."""
-    meta = task.checkpoint_metadata()
-    summary = _training_summary(task, cfg, ctx, step, last_loss, meta.get("training", {}))
-    common = dict(base_model=meta["base_model"], image_encoder=meta["image_encoder"], router_info=meta["router_info"])
-    save_adapter_checkpoint(os.path.join(folder, ADAPTER_FILE), task.adapter, training=summary, **common)
+def _save_weight_files(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, folder: str, step: int,
+                       last_loss: Optional[float], ema: Optional[ExponentialMovingAverage]) -> None:
+    """The task's weights (the adapter: ``adapter.safetensors``, and ``adapter-ema.safetensors`` with EMA) in
+    ``folder``, with the training summary."""
+    summary = _training_summary(task, cfg, ctx, step, last_loss, task.checkpoint_metadata().get("training", {}))
+    task.save_weights(os.path.join(folder, task.weights_file), summary)
     if ema is not None:
         with ema.swapped_in():
-            save_adapter_checkpoint(os.path.join(folder, EMA_FILE), task.adapter,
-                                    training=dict(summary, ema_decay=cfg.ema_decay, weights="ema"), **common)
+            task.save_weights(os.path.join(folder, task.ema_weights_file),
+                              dict(summary, ema_decay=cfg.ema_decay, weights="ema"))
 
 
 def _plot_losses(task: TrainingTask, out_dir: str) -> None:
@@ -672,15 +694,11 @@ def _restore(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, resum
     if cfg.lr_schedule != "constant" and loop.get("steps") != cfg.steps:
         ctx.log(f"warning: --steps changed from {loop.get('steps')} to {cfg.steps}: the {cfg.lr_schedule} "
                 f"learning-rate schedule is stretched from here on")
-    loaded = load_adapter_checkpoint(os.path.join(folder, ADAPTER_FILE), dtype=torch.float32)
-    if loaded.config != task.adapter.config:
-        raise TrainingStateError(f"{folder}/{ADAPTER_FILE} has another adapter config than this run")
-    task.adapter.load_state_dict(loaded.adapter.state_dict())
+    task.model.load_state_dict(task.load_weights(os.path.join(folder, task.weights_file)))
     load_optimizer_state(optimizer, tree["optimizer"])
     scheduler.load_state_dict(tree["scheduler"])
     if ema is not None:
-        ema_loaded = load_adapter_checkpoint(os.path.join(folder, EMA_FILE), dtype=torch.float32)
-        ema.load_from(task.adapter, dict(ema_loaded.adapter.named_parameters()))
+        ema.load_from(task.model, task.load_weights(os.path.join(folder, task.ema_weights_file)))
     rng_stem = f"rng-rank{ctx.rank}"
     if os.path.isfile(os.path.join(folder, rng_stem + ".json")):
         _, rng_tree = load_state_files(folder, rng_stem, kind=RNG_FORMAT)
@@ -696,9 +714,9 @@ def _restore(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, resum
 
 def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: DistributedContext,
                  resume: Optional[str] = None, on_step: Optional[Callable[[int, float], None]] = None) -> TrainingResult:
-    """Train ``task.adapter``; see the module docstring."""
+    """Train ``task.model`` (the adapter, by default); see the module docstring."""
     cfg.validate()
-    adapter = task.adapter
+    adapter = task.model
     device = ctx.device
     schedule = BatchSchedule(task.dataset_size, cfg.batch_size, cfg.grad_accum, ctx.world_size, ctx.rank, cfg.seed)
     adapter.train()
@@ -805,9 +823,9 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
             progress.close()
         stop.restore()
 
-    final_path = None if stopped_early else os.path.join(out_dir, ADAPTER_FILE)
+    final_path = None if stopped_early else os.path.join(out_dir, task.weights_file)
     if not stopped_early and ctx.is_main:
-        _save_adapter_files(task, cfg, ctx, out_dir, step, last_loss, ema)
+        _save_weight_files(task, cfg, ctx, out_dir, step, last_loss, ema)
         _plot_losses(task, out_dir)
     ctx.barrier()
     return TrainingResult(steps_done=step, losses=losses, out_dir=out_dir, final_adapter=final_path,
@@ -818,13 +836,13 @@ def _write_validation_images(task: TrainingTask, ctx: DistributedContext, out_di
                              ema: Optional[ExponentialMovingAverage]) -> None:
     run_here = ctx.is_main or task.validation_on_all_ranks
     if run_here:
-        was_training = task.adapter.training
-        task.adapter.eval()
+        was_training = task.model.training
+        task.model.eval()
         try:
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
                 task.write_validation_images(step, out_dir, ctx)
         finally:
-            task.adapter.train(was_training)
+            task.model.train(was_training)
     ctx.barrier()
 
 
