@@ -360,6 +360,63 @@ def _add_training_commands(sub) -> None:
     train.set_defaults(func=cmd_train)
 
 
+def cmd_world_train_judge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.world.judge import AttributeClassifier, JudgeTask
+
+    loop = _loop_config(args)
+    resume = precheck_resume(args.resume, JudgeTask.stage, loop, args.dataset_size,
+                             f"world-train-split/seed={args.seed}/n={args.dataset_size}") if args.resume else None
+    ctx = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    task = JudgeTask(AttributeClassifier(args.width), seed=args.seed, dataset_size=args.dataset_size, device=ctx.device)
+    result = run_training(task, loop, args.out, ctx, resume=resume)
+    if not result.stopped_early:
+        print(f"trained {result.steps_done} steps; judge: {result.final_adapter}", file=sys.stderr)
+        return 0
+    print(f"stopped after step {result.steps_done}; continue with --resume {result.out_dir}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def cmd_world_eval_judge(args: argparse.Namespace) -> int:
+    from .modules.world.judge import judge_accuracy, load_judge
+    from .modules.world.split import scenes
+
+    judge = load_judge(args.judge)
+    held_out = list(scenes(args.seed, args.count, args.split))
+    rows = {"clean": judge_accuracy(judge, held_out),
+            "augmented": judge_accuracy(judge, held_out, augmented_seed=args.seed + 1)}
+    if args.json:
+        print(json.dumps({"count": args.count, "split": args.split, "seed": args.seed, **rows}, indent=1))
+        return 0
+    names = list(rows["clean"])
+    print(f"judge accuracy on {args.count} renders of the {args.split} split (seed {args.seed})\n")
+    print("| renders | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1))
+    for kind, accuracy in rows.items():
+        print(f"| {kind} | " + " | ".join(f"{100 * accuracy[n]:.1f}%" for n in names) + " |")
+    return 0
+
+
+def _add_world_commands(sub) -> None:
+    world = sub.add_parser("world", help="the toy world: train and evaluate its models (docs/results.md)")
+    commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
+    judge = commands.add_parser("train-judge", help="train the attribute classifier (the judge) on rendered scenes")
+    judge.add_argument("--dataset-size", type=int, default=200_000, help="distinct training scenes (default 200000)")
+    judge.add_argument("--width", type=int, default=32, help="channels of the first convolution stage (default 32)")
+    _add_loop_arguments(judge, steps=4000, batch_size=64, lr=2e-3)
+    judge.set_defaults(func=cmd_world_train_judge)
+    evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")
+    evaluate.add_argument("judge", help="judge.safetensors")
+    evaluate.add_argument("--count", type=int, default=2000, help="renders (default 2000)")
+    evaluate.add_argument("--split", choices=["eval", "train"], default="eval",
+                          help="eval: held-out combinations (default); train: fresh renders of training combinations")
+    evaluate.add_argument("--seed", type=int, default=123, help="seed of the scenes and the augmentation (default 123)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(func=cmd_world_eval_judge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mod-adapter",
@@ -465,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--no-progress", action="store_true", help="no progress bar")
     learn.set_defaults(func=cmd_learn)
     _add_training_commands(sub)
+    _add_world_commands(sub)
     return parser
 
 
