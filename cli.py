@@ -399,6 +399,18 @@ def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_sheet(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .modules.world.scene import Scene, attribute_sheet
+
+    base = Scene("ball", "blue", "plain", "centre", "large", "left", "warm", "sand", seed=args.seed)
+    Image.fromarray(attribute_sheet(base)).save(args.out)
+    print(f"wrote {args.out}: one row per attribute (shape, colour, pattern, position, size, direction, tint, "
+          f"background), each value in turn", file=sys.stderr)
+    return 0
+
+
 def _add_world_commands(sub) -> None:
     world = sub.add_parser("world", help="the toy world: train and evaluate its models (docs/results.md)")
     commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
@@ -415,6 +427,10 @@ def _add_world_commands(sub) -> None:
     evaluate.add_argument("--seed", type=int, default=123, help="seed of the scenes and the augmentation (default 123)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_world_eval_judge)
+    sheet = commands.add_parser("sheet", help="a PNG with every value of every attribute (an overview of the world)")
+    sheet.add_argument("out", help="the PNG to write")
+    sheet.add_argument("--seed", type=int, default=0, help="grain of the background textures")
+    sheet.set_defaults(func=cmd_world_sheet)
 
 
 def build_parser() -> argparse.ArgumentParser:

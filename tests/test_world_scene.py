@@ -75,3 +75,16 @@ def test_the_split_holds_out_about_a_fifth_of_the_combinations_and_is_fixed():
     assert list(scenes(7, 5)) == list(scenes(7, 5))  # the same scenes for the same seed
     with pytest.raises(ValueError, match="no train scene"):
         random_scene(rng, TRAIN, shape="ball", colour="green")
+
+
+def test_the_attribute_sheet_shows_every_value(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "sheet.png"
+    result = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "world", "sheet", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size == (64 * max(len(v) for v in ATTRIBUTES.values()), 64 * len(ATTRIBUTES))

@@ -76,6 +76,17 @@ class Scene:
         return Scene(**{**asdict(self), **changes})
 
 
+def attribute_sheet(base: "Scene", size: int = 64) -> np.ndarray:
+    """One row per attribute: ``base`` with each of the attribute's values in turn (an overview of the world)."""
+    width = max(len(values) for values in ATTRIBUTES.values())
+    rows = []
+    for name, values in ATTRIBUTES.items():
+        tiles = [render(base.replace(**{name: value}), size) for value in values]
+        tiles += [np.full((size, size, 3), 24, np.uint8)] * (width - len(tiles))
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 def all_attribute_combinations() -> Iterator[Dict[str, str]]:
     """Every combination of attribute values (6·8·4·3·2·4·2·4 = 36,864)."""
     names = list(ATTRIBUTES)
