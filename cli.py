@@ -364,11 +364,11 @@ def cmd_world_train_judge(args: argparse.Namespace) -> int:
     import torch
 
     from .modules.training.loop import precheck_resume, run_training, setup_distributed
-    from .modules.world.judge import AttributeClassifier, JudgeTask
+    from .modules.world.judge import AttributeClassifier, JudgeTask, judge_dataset_fingerprint
 
     loop = _loop_config(args)
     resume = precheck_resume(args.resume, JudgeTask.stage, loop, args.dataset_size,
-                             f"world-train-split/seed={args.seed}/n={args.dataset_size}") if args.resume else None
+                             judge_dataset_fingerprint(args.seed, args.dataset_size)) if args.resume else None
     ctx = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     task = JudgeTask(AttributeClassifier(args.width), seed=args.seed, dataset_size=args.dataset_size, device=ctx.device)
