@@ -201,9 +201,9 @@ def _loop_config(args: argparse.Namespace):
         mixed_precision=args.mixed_precision, progress=not args.no_progress)
 
 
-def _finish_training(result) -> int:
+def _finish_training(result, what: str = "adapter") -> int:
     if not result.stopped_early:
-        print(f"trained {result.steps_done} steps; adapter: {result.final_adapter}", file=sys.stderr)
+        print(f"trained {result.steps_done} steps; {what}: {result.final_adapter}", file=sys.stderr)
         return 0
     print(f"stopped after step {result.steps_done}; continue with --resume {result.out_dir}", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -372,12 +372,7 @@ def cmd_world_train_judge(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     task = JudgeTask(AttributeClassifier(args.width), seed=args.seed, dataset_size=args.dataset_size, device=ctx.device)
-    result = run_training(task, loop, args.out, ctx, resume=resume)
-    if not result.stopped_early:
-        print(f"trained {result.steps_done} steps; judge: {result.final_adapter}", file=sys.stderr)
-        return 0
-    print(f"stopped after step {result.steps_done}; continue with --resume {result.out_dir}", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "judge")
 
 
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
