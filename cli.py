@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -375,6 +376,64 @@ def cmd_world_train_judge(args: argparse.Namespace) -> int:
     return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "judge")
 
 
+def cmd_world_train_vae(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.world.vae import VaeTask, build_vae
+
+    loop = _loop_config(args)
+    ctx = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    task = VaeTask(build_vae(), seed=args.seed, dataset_size=args.dataset_size, device=ctx.device)
+    resume = precheck_resume(args.resume, task.stage, loop, args.dataset_size, task.dataset_fingerprint,
+                             task.run_settings()) if args.resume else None
+    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "VAE")
+
+
+def cmd_world_train_clip(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.world.clip import ClipTask, WorldClip, load_clip_tokenizer
+
+    loop = _loop_config(args)
+    ctx = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    task = ClipTask(WorldClip(), load_clip_tokenizer(args.tokenizer), seed=args.seed, dataset_size=args.dataset_size,
+                    device=ctx.device)
+    resume = precheck_resume(args.resume, task.stage, loop, args.dataset_size, task.dataset_fingerprint,
+                             task.run_settings()) if args.resume else None
+    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "CLIP")
+
+
+def cmd_world_train_flux(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.world.clip import load_clip_tokenizer, load_world_clip
+    from .modules.world.judge import load_judge
+    from .modules.world.transformer import (FluxWorldTask, FrozenConditioning, WorldFlux, cached_latents,
+                                            load_t5_tokenizer)
+    from .modules.world.vae import flux_scaled_vae
+
+    loop = _loop_config(args)
+    ctx = setup_distributed(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    vae = flux_scaled_vae(args.vae, os.path.join(args.out, "vae.safetensors"))
+    latents = cached_latents(vae, args.seed, args.dataset_size, os.path.join(args.out, "latents.safetensors"),
+                             progress=not args.no_progress)
+    clip = load_world_clip(args.clip)
+    conditioning = FrozenConditioning(clip.text.text_model, load_clip_tokenizer(args.clip_tokenizer), vae, ctx.device)
+    judge = load_judge(args.judge) if args.judge else None
+    torch.manual_seed(args.seed)
+    task = FluxWorldTask(WorldFlux(), conditioning, load_t5_tokenizer(args.t5_tokenizer), latents, seed=args.seed,
+                         device=ctx.device, judge=judge)
+    resume = precheck_resume(args.resume, task.stage, loop, task.dataset_size, task.dataset_fingerprint,
+                             task.run_settings()) if args.resume else None
+    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "FLUX transformer and T5")
+
+
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     from .modules.world.judge import judge_accuracy, load_judge
     from .modules.world.split import scenes
@@ -406,6 +465,10 @@ def cmd_world_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+_WORLD_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
+_WORLD_TOKENIZER = os.path.join(_WORLD_FOLDER, "flux", "tokenizer")
+
+
 def _add_world_commands(sub) -> None:
     world = sub.add_parser("world", help="the toy world: train and evaluate its models (docs/results.md)")
     commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
@@ -414,6 +477,31 @@ def _add_world_commands(sub) -> None:
     judge.add_argument("--width", type=int, default=32, help="channels of the first convolution stage (default 32)")
     _add_loop_arguments(judge, steps=4000, batch_size=64, lr=2e-3)
     judge.set_defaults(func=cmd_world_train_judge)
+    vae = commands.add_parser("train-vae", help="train the world's VAE (diffusers AutoencoderKL, 16 latent channels)")
+    vae.add_argument("--dataset-size", type=int, default=200_000, help="distinct training scenes (default 200000)")
+    _add_loop_arguments(vae, steps=2000, batch_size=32, lr=1e-3)
+    vae.set_defaults(func=cmd_world_train_vae)
+    clip = commands.add_parser("train-clip", help="train the world's CLIP text model and open_clip image tower "
+                                                   "contrastively")
+    clip.add_argument("--dataset-size", type=int, default=200_000, help="distinct training scenes (default 200000)")
+    clip.add_argument("--tokenizer", default=_WORLD_TOKENIZER, help="CLIP-L tokenizer folder (default: the shipped one)")
+    _add_loop_arguments(clip, steps=3000, batch_size=128, lr=1e-3)
+    clip.set_defaults(func=cmd_world_train_clip)
+    flux = commands.add_parser("train-flux", help="train the world's FLUX.1 transformer and T5 encoder by flow "
+                                                   "matching (VAE and CLIP frozen)")
+    flux.add_argument("--vae", required=True, help="the trained world VAE (vae.safetensors of train-vae)")
+    flux.add_argument("--clip", required=True, help="the trained world CLIP (clip.safetensors of train-clip)")
+    flux.add_argument("--judge", default=os.path.join(_WORLD_FOLDER, "judge.safetensors"),
+                      help="judge for the validation accuracy (default: the shipped one; '' for none)")
+    flux.add_argument("--dataset-size", type=int, default=60_000,
+                      help="distinct training scenes, VAE-encoded once (default 60000)")
+    flux.add_argument("--clip-tokenizer", default=_WORLD_TOKENIZER, help="CLIP-L tokenizer folder")
+    flux.add_argument("--t5-tokenizer", default=os.path.join(_WORLD_FOLDER, "flux", "tokenizer_2"),
+                      help="T5 tokenizer folder")
+    flux.add_argument("--validate-every", type=int, default=0,
+                      help="every K steps: generate held-out scenes, write a grid and the judge's accuracy")
+    _add_loop_arguments(flux, steps=16000, batch_size=64, lr=5e-4)
+    flux.set_defaults(func=cmd_world_train_flux)
     evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")
     evaluate.add_argument("judge", help="judge.safetensors")
     evaluate.add_argument("--count", type=int, default=2000, help="renders (default 2000)")

@@ -20,6 +20,7 @@ from .concept_files import ModAdapterLoadConcept, ModAdapterSaveConcept  # noqa:
 from .learn_concept import ModAdapterLearnConcept  # noqa: E402
 from .modulation_apply import ModAdapterModulationApply, ModAdapterModulationApplyAdvanced  # noqa: E402
 from .predictor import ModAdapterPredictor  # noqa: E402
+from .toy_world import ModAdapterToyWorld  # noqa: E402
 
 NODES = [
     ModAdapterLoader,
@@ -30,6 +31,7 @@ NODES = [
     ModAdapterSaveConcept,
     ModAdapterLoadConcept,
     ModAdapterLearnConcept,
+    ModAdapterToyWorld,
 ]
 
 

@@ -20,6 +20,9 @@ import tempfile
 
 import torch
 
+# ComfyUI's own FLUX.1 config detection at small sizes (the pack's loader of the toy world uses it too).
+from mod_adapter.nodes.comfy_flux_config import comfy_flux_model, flux_text_encoders_target, flux_unet_config  # noqa: F401
+
 # The sizes of the tiny FLUX.1; every other field of its config comes from ComfyUI's own detection.
 FLUX_SIZES = dict(vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0, num_heads=2, depth=2,
                   depth_single_blocks=2, axes_dim=[8, 28, 28])
@@ -67,55 +70,6 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype) * (0.05 if p.ndim > 1 else 0.02))
 
 
-def flux_unet_config(*, vec_in_dim: int, context_in_dim: int, hidden_size: int, mlp_ratio: float, num_heads: int,
-                     depth: int, depth_single_blocks: int, axes_dim, guidance_embed: bool = True) -> dict:
-    """The FLUX.1 model config this ComfyUI's own loader would build for a checkpoint of these sizes.
-
-    ComfyUI's detection (`comfy.model_detection.detect_unet_config`) runs on the
-    key names and shapes of such a checkpoint (meta tensors: nothing is
-    allocated), so every field a version adds (0.33.0: `txt_ids_dims`,
-    `yak_mlp`, `txt_norm`, ...) has the value that version gives FLUX.1. Older
-    versions hard-code FLUX.1's full sizes instead of reading them, so the sizes
-    are set afterwards.
-    """
-    import comfy.model_detection
-
-    def meta(*shape):
-        return torch.empty(shape, device="meta")
-
-    mlp = int(hidden_size * mlp_ratio)
-    head = hidden_size // num_heads
-    checkpoint = {"img_in.weight": meta(hidden_size, 16 * 2 * 2), "txt_in.weight": meta(hidden_size, context_in_dim),
-                  "vector_in.in_layer.weight": meta(hidden_size, vec_in_dim)}
-    if guidance_embed:
-        checkpoint["guidance_in.in_layer.weight"] = meta(hidden_size, 256)
-    for i in range(depth):
-        for stream in ("img", "txt"):
-            checkpoint[f"double_blocks.{i}.{stream}_attn.norm.key_norm.scale"] = meta(head)
-            checkpoint[f"double_blocks.{i}.{stream}_attn.norm.query_norm.scale"] = meta(head)
-            checkpoint[f"double_blocks.{i}.{stream}_mlp.0.weight"] = meta(mlp, hidden_size)
-    for j in range(depth_single_blocks):
-        checkpoint[f"single_blocks.{j}.norm.key_norm.scale"] = meta(head)
-    config = comfy.model_detection.detect_unet_config(checkpoint, "")
-    if config is None or config.get("image_model") != "flux":
-        raise RuntimeError(f"This ComfyUI does not detect a FLUX.1 checkpoint from FLUX.1's key names: {config}")
-    config.update(vec_in_dim=vec_in_dim, context_in_dim=context_in_dim, hidden_size=hidden_size, mlp_ratio=mlp_ratio,
-                  num_heads=num_heads, depth=depth, depth_single_blocks=depth_single_blocks, axes_dim=list(axes_dim),
-                  guidance_embed=guidance_embed)
-    return config
-
-
-def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32, device="cpu"):
-    """An uninitialised ComfyUI FLUX.1 BaseModel from a unet config, through the version's own model config class."""
-    import comfy.model_detection
-
-    model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
-    if model_config is None:
-        raise RuntimeError(f"This ComfyUI has no model config for {config}")
-    model_config.set_inference_dtype(dtype, None)
-    return model_config.get_model({}, device=device)
-
-
 def tiny_flux_model(seed: int = 0):
     import comfy.model_management
     import comfy.model_patcher
@@ -128,27 +82,8 @@ def tiny_flux_model(seed: int = 0):
 
 def tiny_flux_clip(seed: int = 1):
     import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-    import comfy.text_encoders.flux
-    import comfy.text_encoders.t5
 
-    clip_l_json = _config_file("clip_l.json", CLIP_L_CONFIG)
-    t5_json = _config_file("t5.json", T5_CONFIG)
-
-    class TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            torch.nn.Module.__init__(self)
-            self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=clip_l_json,
-                                                     return_projected_pooled=False, model_options=model_options)
-            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_json,
-                                                    special_tokens={"end": 1, "pad": 0},
-                                                    model_class=comfy.text_encoders.t5.T5,
-                                                    model_options={**model_options, "model_name": "t5xxl"})
-            self.dtypes = {dtype}
-
-    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=flux_text_encoders_target(CLIP_L_CONFIG, T5_CONFIG), model_options={"dtype": torch.float32})
     randomize_(clip.cond_stage_model, seed)
     return clip
 

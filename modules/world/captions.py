@@ -66,7 +66,18 @@ def full_caption(scene: Scene) -> str:
     return caption(scene, {group: STATED for group in GROUPS})
 
 
+def random_modes(rng: np.random.Generator) -> Dict[str, str]:
+    """A training caption's choice per group: stated (1/2), named by its word only (1/4) or left out (1/4)."""
+    return {group: (STATED, STATED, WORD_ONLY, ABSENT)[int(rng.integers(4))] for group in GROUPS}
+
+
 def random_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A training caption: each group stated (1/2), named by its word only (1/4) or left out (1/4)."""
-    modes = {group: (STATED, STATED, WORD_ONLY, ABSENT)[int(rng.integers(4))] for group in GROUPS}
-    return caption(scene, modes, rng)
+    """A training caption (:func:`random_modes`, then a random phrasing of each clause)."""
+    return caption(scene, random_modes(rng), rng)
+
+
+def consistent(scene: Scene, modes: Dict[str, str], other: Scene) -> bool:
+    """Whether the caption of ``scene`` with ``modes`` is also true of ``other`` (same object, same stated values)."""
+    if other.shape != scene.shape:
+        return False
+    return all(describe(other, group) == describe(scene, group) for group in GROUPS if modes.get(group) == STATED)
