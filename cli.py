@@ -150,7 +150,8 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
     from .modules.learn_concept import LearnConfig
     from .modules.learn_diffusers import learn_concept_files
 
-    config = LearnConfig(steps=args.steps, stage1_steps=args.stage1_steps, lr=args.lr, seed=args.seed)
+    config = LearnConfig(steps=args.steps, stage1_steps=args.stage1_steps, lr=args.lr, seed=args.seed,
+                         flip_probability=args.flip_probability)
     interrupted = threading.Event()
     previous_handler = None
     if should_stop is None and threading.current_thread() is threading.main_thread():
@@ -434,6 +435,65 @@ def cmd_world_train_flux(args: argparse.Namespace) -> int:
     return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "FLUX transformer and T5")
 
 
+def cmd_world_eval_vae(args: argparse.Namespace) -> int:
+    from .modules.world.judge import load_judge
+    from .modules.world.split import scenes
+    from .modules.world.vae import load_world_vae, reconstruction_accuracy
+
+    accuracy = reconstruction_accuracy(load_world_vae(args.vae), load_judge(args.judge),
+                                       list(scenes(args.seed, args.count, args.split)))
+    print(json.dumps({"count": args.count, "split": args.split, "seed": args.seed, "judge_on_reconstructions": accuracy},
+                     indent=1))
+    return 0
+
+
+def _world_pipeline(world: str):
+    import torch
+
+    from .modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
+    from .modules.world.folder import check_world
+    from .modules.world.judge import load_judge
+
+    paths = check_world(world)
+    return paths, load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32), load_judge(paths["judge"])
+
+
+def cmd_world_eval_flux(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .modules.world.evaluation import prompt_following
+    from .modules.world.split import scenes
+
+    _, pipe, judge = _world_pipeline(args.world)
+    held_out = list(scenes(args.seed, args.count, args.split))
+    started = time.perf_counter()
+    with tqdm(total=len(held_out), desc="generating", unit="image", disable=args.no_progress) as bar:
+        accuracy = prompt_following(pipe, judge, held_out, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                                    progress=bar.update)
+    print(json.dumps({"count": args.count, "split": args.split, "seed": args.seed, "steps": args.steps, "cfg": args.cfg,
+                      "seconds": round(time.perf_counter() - started, 1), "prompt_following": accuracy}, indent=1))
+    return 0
+
+
+def cmd_world_eval_learn(args: argparse.Namespace) -> int:
+    from .modules.world.evaluation import concept_learning
+
+    paths, pipe, judge = _world_pipeline(args.world)
+    rows = []
+    for kind in args.kinds:
+        scores = concept_learning(paths["flux"], pipe, judge, kind, concepts=args.concepts,
+                                  prompts_per_concept=args.prompts, steps=args.learn_steps, seed=args.seed,
+                                  work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
+                                  log=lambda message: print(message, file=sys.stderr))
+        rows.append(scores.summary())
+    print(json.dumps({"concepts_per_kind": args.concepts, "prompts_per_concept": args.prompts,
+                      "learn_steps": args.learn_steps, "sample_steps": args.steps, "cfg": args.cfg, "seed": args.seed,
+                      "rows": rows}, indent=1))
+    return 0
+
+
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     from .modules.world.judge import judge_accuracy, load_judge
     from .modules.world.split import scenes
@@ -502,6 +562,36 @@ def _add_world_commands(sub) -> None:
                       help="every K steps: generate held-out scenes, write a grid and the judge's accuracy")
     _add_loop_arguments(flux, steps=16000, batch_size=64, lr=5e-4)
     flux.set_defaults(func=cmd_world_train_flux)
+    eval_vae = commands.add_parser("eval-vae", help="per-attribute judge accuracy on a world VAE's reconstructions")
+    eval_vae.add_argument("vae", help="vae.safetensors (of train-vae or train-flux)")
+    eval_vae.add_argument("--judge", default=os.path.join(_WORLD_FOLDER, "judge.safetensors"), help="the judge")
+    eval_vae.add_argument("--count", type=int, default=1000, help="renders (default 1000)")
+    eval_vae.add_argument("--split", choices=["eval", "train"], default="eval", help="scenes (default eval)")
+    eval_vae.add_argument("--seed", type=int, default=123, help="seed of the scenes (default 123)")
+    eval_vae.set_defaults(func=cmd_world_eval_vae)
+    eval_flux = commands.add_parser("eval-flux", help="prompt following of the world's FLUX: held-out scenes from "
+                                                      "their full captions, read by the judge")
+    eval_flux.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    eval_flux.add_argument("--count", type=int, default=256, help="images (default 256)")
+    eval_flux.add_argument("--split", choices=["eval", "train"], default="eval", help="scenes (default eval)")
+    eval_flux.add_argument("--seed", type=int, default=123, help="seed of the scenes and the noise (default 123)")
+    eval_flux.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    eval_flux.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    eval_flux.add_argument("--no-progress", action="store_true", help="no progress bar")
+    eval_flux.set_defaults(func=cmd_world_eval_flux)
+    eval_learn = commands.add_parser("eval-learn", help="Learn Concept on held-out world images: CP with the learned "
+                                                        "Δ against the bare word")
+    eval_learn.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    eval_learn.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"],
+                            choices=["surface", "pose", "lighting"], help="concept kinds (default all three)")
+    eval_learn.add_argument("--concepts", type=int, default=8, help="concept images per kind (default 8)")
+    eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
+    eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
+    eval_learn.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
+    eval_learn.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
+    eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
+    eval_learn.set_defaults(func=cmd_world_eval_learn)
     evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")
     evaluate.add_argument("judge", help="judge.safetensors")
     evaluate.add_argument("--count", type=int, default=2000, help="renders (default 2000)")
@@ -615,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="FLUX.1 [dev] guidance value while learning (default 3.5; ignored by schnell)")
     learn.add_argument("--max-sequence-length", type=int, default=256,
                        help="T5 tokens of the caption (default 256, as ComfyUI pads FLUX prompts)")
+    learn.add_argument("--flip-probability", type=float, default=0.5,
+                       help="horizontal-flip augmentation (default 0.5); 0 for concepts that have a side, such as a "
+                            "pose or a light from the left")
     learn.add_argument("--eval-draws", type=int, default=8,
                        help="held-out noise draws to report the loss with and without the concepts (default 8; 0 = off)")
     learn.add_argument("--overwrite", action="store_true", help="replace existing concept files")

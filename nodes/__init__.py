@@ -20,7 +20,7 @@ from .concept_files import ModAdapterLoadConcept, ModAdapterSaveConcept  # noqa:
 from .learn_concept import ModAdapterLearnConcept  # noqa: E402
 from .modulation_apply import ModAdapterModulationApply, ModAdapterModulationApplyAdvanced  # noqa: E402
 from .predictor import ModAdapterPredictor  # noqa: E402
-from .toy_world import ModAdapterToyWorld  # noqa: E402
+from .toy_world import ModAdapterToyWorld, ModAdapterToyWorldScene  # noqa: E402
 
 NODES = [
     ModAdapterLoader,
@@ -32,6 +32,7 @@ NODES = [
     ModAdapterLoadConcept,
     ModAdapterLearnConcept,
     ModAdapterToyWorld,
+    ModAdapterToyWorldScene,
 ]
 
 

@@ -23,7 +23,9 @@ from comfy_api.latest import io
 from safetensors.torch import load_file
 
 from ..modules.errors import ModAdapterError
+from ..modules.world.captions import full_caption
 from ..modules.world.folder import WORLD_FOLDER, check_world
+from ..modules.world.scene import ATTRIBUTES, Scene, render
 from .comfy_flux_config import flux_text_encoders_target, flux_unet_config
 from .sockets import CATEGORY
 
@@ -143,6 +145,37 @@ class ModAdapterToyWorld(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         return io.NodeOutput(*load_toy_world(WORLD_FOLDER))
+
+
+class ModAdapterToyWorldScene(io.ComfyNode):
+    """A scene of the toy world, rendered: a concept image for the Toy World's models."""
+
+    @classmethod
+    def define_schema(cls):
+        defaults = {"shape": "star", "colour": "red", "pattern": "stripes", "position": "right", "size": "large",
+                    "direction": "top", "tint": "cool", "background": "grass"}
+        return io.Schema(
+            node_id="ModAdapterToyWorldScene",
+            display_name="Mod-Adapter Toy World Scene",
+            category=f"{CATEGORY}/loaders",
+            description="Renders one scene of the toy world (64×64): an object with a shape, a surface (colour and "
+                        "pattern), a pose (position and size), a lighting (direction and tint) and a background. "
+                        "Use it as a concept image with the Toy World's models.",
+            inputs=[io.Combo.Input(name, options=list(values), default=defaults[name],
+                                   tooltip=f"The scene's {name}.") for name, values in ATTRIBUTES.items()]
+            + [io.Int.Input("seed", default=0, min=0, max=0x7FFFFFFF, control_after_generate=False,
+                            tooltip="The grain of the background texture.")],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The scene, 64×64."),
+                io.String.Output(display_name="caption", tooltip="The scene's caption with every attribute stated."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, seed, **attributes) -> io.NodeOutput:
+        scene = Scene(**attributes, seed=seed)
+        image = torch.from_numpy(render(scene)).float().div(255.0)[None]
+        return io.NodeOutput(image, full_caption(scene))
 
 
 def load_toy_world(folder: str):

@@ -79,11 +79,13 @@ def input_source(workflow, node, name):
 
 
 def concept_words(workflow) -> list:
-    """Concept words of a workflow: the encoders' words and the words in the loaded concept files' names."""
+    """Concept words of a workflow: the encoders' and Learn Concept's words, and those in loaded concept files' names."""
     words = []
     for node in workflow["nodes"]:
         if node["type"] == "ModAdapterConceptEncoder":
             words.append(node["widgets_values"][0])
+        elif node["type"] == "ModAdapterLearnConcept":
+            words += [w.strip() for w in node["widgets_values"][1].split(",")]
         elif node["type"] == "ModAdapterLoadConcept":
             match = CONCEPT_FILE.match(node["widgets_values"][0])
             assert match, f"concept file name {node['widgets_values'][0]!r} is not <prefix>_<word>_00001.safetensors"
@@ -149,7 +151,9 @@ def widget_slots(info) -> list:
         if not is_widget(kind, opts):
             continue
         slots.append(name)
-        if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+        # The frontend adds the control to seeds unless the node says control_after_generate=False.
+        control = opts["control_after_generate"] if "control_after_generate" in opts else name in ("seed", "noise_seed")
+        if kind == "INT" and control:
             slots.append(f"{name}:control_after_generate")
         if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
             slots.append(f"{name}:upload")
@@ -311,9 +315,15 @@ def test_apply_gets_the_same_prompt_and_clip_as_the_text_encoder_so_bypass_gives
         # Apply's outputs are what its passed-through inputs would be: model -> sampler, conditioning -> positive
         consumers = [(nodes[l[3]], l[4], l[2]) for l in workflow["links"] if l[1] == apply["id"]]
         assert {slot for _, _, slot in consumers} == {0, 1}
+    toy_world = any(n["type"] == "ModAdapterToyWorld" for n in workflow["nodes"])
     for sampler in (n for n in workflow["nodes"] if n["type"] == "KSampler"):
         cfg, sampler_name, scheduler = sampler["widgets_values"][3:6]
-        assert (cfg, sampler_name, scheduler) == (1.0, "euler", "simple")  # FLUX dev: guidance, not cfg
+        if toy_world:  # no guidance embedding (like schnell): classifier-free guidance against the empty prompt
+            negative, _ = input_source(workflow, sampler, "negative")
+            assert (negative["type"], negative["widgets_values"][0]) == ("CLIPTextEncode", "")
+            assert (cfg, sampler_name, scheduler) == (4.0, "euler", "simple")
+        else:
+            assert (cfg, sampler_name, scheduler) == (1.0, "euler", "simple")  # FLUX dev: guidance, not cfg
 
 
 def test_example_specifics():
@@ -430,7 +440,9 @@ def test_widget_values_are_valid_for_comfyui(workflow, object_info):
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), what
                 assert opts.get("min", float("-inf")) <= value <= opts.get("max", float("inf")), what
             elif kind == "STRING":
-                assert isinstance(value, str) and value.strip(), what
+                # an empty text is only the toy world's negative prompt: what its FLUX was trained with for cfg
+                empty_negative = node["type"] == "CLIPTextEncode" and slot == "text" and value == ""
+                assert isinstance(value, str) and (value.strip() or empty_negative), what
             elif kind == "BOOLEAN":
                 assert isinstance(value, bool), what
             elif (node["type"], slot) in FILE_COMBOS:

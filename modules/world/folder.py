@@ -108,6 +108,15 @@ def export_world(flux_run: str, clip_checkpoint: str, out: str = WORLD_FOLDER, *
     staging = flux_folder + ".new"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # the tokenizer files as published, not a re-serialisation
+        shutil.rmtree(os.path.join(staging, name))
+        shutil.copytree(os.path.join(tokenizers, name), os.path.join(staging, name))
+    index_path = os.path.join(staging, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]  # as FLUX.1's own (transformers 4 and 5)
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
     with open(os.path.join(staging, "world_sampling.json"), "w") as f:
         json.dump(SAMPLING, f, indent=1)
     shutil.rmtree(flux_folder, ignore_errors=True)

@@ -178,15 +178,25 @@ def _surface(colour: str, pattern: str, cx: float, cy: float, r: float, size: in
     return np.where(marked[..., None], shade, base)
 
 
+def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
+    """Where the object is in :func:`render`'s image: a soft mask (size, size) in 0..1."""
+    cx, cy, r = _placement(scene, size)
+    return _shape_mask(scene.shape, cx, cy, r, size)
+
+
+def _placement(scene: Scene, size: int) -> Tuple[float, float, float]:
+    cx = {"left": 0.27, "centre": 0.5, "right": 0.73}[scene.position] * size
+    r = {"small": 0.14, "large": 0.23}[scene.size] * size
+    return cx, 0.55 * size, r
+
+
 def render(scene: Scene, size: int = 64) -> np.ndarray:
     """The scene as an RGB image (size, size, 3), uint8."""
     if size < 32 or size % 16:
         raise ModAdapterError(f"the world renders at 32, 48, 64, ... pixels (a multiple of 16 from 32), not {size}")
     rng = np.random.default_rng(scene.seed)
     image = _background(scene.background, size, rng)
-    cx = {"left": 0.27, "centre": 0.5, "right": 0.73}[scene.position] * size
-    r = {"small": 0.14, "large": 0.23}[scene.size] * size
-    cy = 0.55 * size
+    cx, cy, r = _placement(scene, size)
 
     # The shadow falls away from the light, on the background.
     dx, dy = {"left": (1, 0), "right": (-1, 0), "top": (0, 1), "bottom": (0, -1)}[scene.direction]

@@ -1,0 +1,155 @@
+"""Measurements on the toy world, read by the judge: prompt following, and what a learned concept carries.
+
+* :func:`prompt_following`: images of held-out scenes from their full
+  captions (the text oracle); per attribute, how often the judge reads the
+  value the caption states.
+* :func:`concept_learning`: Learn Concept (TokenVerse mode, the pack's
+  ``mod-adapter learn`` path) on one image of a held-out scene per run, its
+  concept word ("surface", "pose", "lighting") left without its value in the
+  learning caption while every other group is stated; then prompts for other
+  scenes that name the word without a value. CP is how often the concept
+  image's values come out (per attribute of the concept, averaged), PF how
+  often the prompt's own stated values do; with the learned Δ against Δ = 0
+  (the bare word), on the same prompts and seeds.
+
+Every draw is seeded; the numbers go to docs/results.md with the command.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..token_modulation import TokenConcept
+from .captions import GROUPS, STATED, WORD_ONLY, caption, full_caption
+from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene, render
+from .split import EVAL, random_scene
+from .transformer import MAX_SEQUENCE_LENGTH
+
+ABSTRACT_KINDS = ("surface", "pose", "lighting")
+
+
+def judge_reads(judge, images: torch.Tensor) -> List[Dict[str, str]]:
+    return judge.read(images.float())
+
+
+def prompt_following(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: int, cfg: float,
+                     batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+    """Per attribute: the share of images (scene i from seed + i) in which the judge reads the stated value."""
+    from .sampling import generate
+
+    hits = {name: 0 for name in ATTRIBUTES}
+    for start in range(0, len(scenes), batch_size):
+        chunk = list(scenes[start:start + batch_size])
+        images = generate(pipe, [full_caption(s) for s in chunk], [seed + start + i for i in range(len(chunk))],
+                          steps=steps, cfg=cfg)
+        for scene, read in zip(chunk, judge_reads(judge, images)):
+            for name in ATTRIBUTES:
+                hits[name] += read[name] == getattr(scene, name)
+        if progress is not None:
+            progress(len(chunk))
+    return {name: count / len(scenes) for name, count in hits.items()}
+
+
+def word_only_caption(scene: Scene, kind: str) -> str:
+    """``scene``'s caption with the group ``kind`` named by its word only and every other group stated: the caption
+    a concept image is learned with, and the prompt that asks for the concept in another scene."""
+    return caption(scene, {group: (WORD_ONLY if group == kind else STATED) for group in GROUPS})
+
+
+def word_positions(pipe, prompt: str, word: str) -> List[int]:
+    from ..token_positions import TextSequenceLayout, find_concept_positions
+
+    layout = TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
+                                                  max_length=MAX_SEQUENCE_LENGTH)
+    return find_concept_positions(layout, prompt, [word])[0]
+
+
+@dataclass
+class ConceptScores:
+    """CP and PF per image, with and without the concept's Δ, for one concept kind."""
+
+    kind: str
+    cp: List[float] = field(default_factory=list)
+    pf: List[float] = field(default_factory=list)
+    cp_bare: List[float] = field(default_factory=list)
+    pf_bare: List[float] = field(default_factory=list)
+    learn_seconds: List[float] = field(default_factory=list)
+
+    def summary(self) -> Dict[str, float]:
+        return {"kind": self.kind, "images": len(self.cp), "cp": float(np.mean(self.cp)),
+                "cp_bare_word": float(np.mean(self.cp_bare)), "pf": float(np.mean(self.pf)),
+                "pf_bare_word": float(np.mean(self.pf_bare)),
+                "learn_seconds_per_concept": float(np.mean(self.learn_seconds))}
+
+
+def score(read: Dict[str, str], concept: Scene, target: Scene, kind: str) -> Tuple[float, float]:
+    """(CP, PF) of one generated image: the concept's attributes as in ``concept``, the prompt's other stated
+    attributes (shape and every group but ``kind``) as in ``target``."""
+    concept_names = CONCEPT_ATTRIBUTES[kind]
+    stated = [name for name in ATTRIBUTES if name not in concept_names]
+    cp = float(np.mean([read[name] == getattr(concept, name) for name in concept_names]))
+    pf = float(np.mean([read[name] == getattr(target, name) for name in stated]))
+    return cp, pf
+
+
+def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
+    """A random scene whose values of ``kind``'s attributes all differ from ``scene``'s (so a copy is visible)."""
+    while True:
+        candidate = random_scene(rng)
+        if all(getattr(candidate, name) != getattr(scene, name) for name in CONCEPT_ATTRIBUTES[kind]):
+            return candidate
+
+
+def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
+                     steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
+                     log=print) -> ConceptScores:
+    """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
+    from ..concept_file import load_concept
+    from ..learn_concept import LearnConfig
+    from ..learn_diffusers import learn_concept_files
+    from .sampling import generate
+    from PIL import Image
+
+    if kind not in ABSTRACT_KINDS:
+        raise ValueError(f"kind must be one of {ABSTRACT_KINDS}, got {kind!r}")
+    rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
+    scores = ConceptScores(kind)
+    os.makedirs(work_dir, exist_ok=True)
+    for c in range(concepts):
+        concept_scene = random_scene(rng, EVAL)
+        image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
+        Image.fromarray(render(concept_scene)).save(image_path)
+        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7), seed=seed + c, flip_probability=0.0,
+                             log_every=0)
+        started = time.perf_counter()
+        report = learn_concept_files(flux_folder, [image_path], word_only_caption(concept_scene, kind), [kind],
+                                     os.path.join(work_dir, f"{kind}-{c:03d}.safetensors"), config=config,
+                                     resolution=64, device="cpu", dtype="fp32", gradient_checkpointing=False,
+                                     max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0, overwrite=True,
+                                     show_progress=False, log=lambda message: None)
+        scores.learn_seconds.append(time.perf_counter() - started)
+        delta = load_concept(report.paths[0]).delta
+        targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
+        prompts = [word_only_caption(t, kind) for t in targets]
+        seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
+        concepts_per_prompt = [[TokenConcept(delta, word_positions(pipe, p, kind), 1.0, name=kind)] for p in prompts]
+        with_delta = judge_reads(judge, generate(pipe, prompts, seeds, steps=sample_steps, cfg=cfg,
+                                                 concepts=concepts_per_prompt))
+        bare = judge_reads(judge, generate(pipe, prompts, seeds, steps=sample_steps, cfg=cfg))
+        for target, read, read_bare in zip(targets, with_delta, bare):
+            cp, pf = score(read, concept_scene, target, kind)
+            cp0, pf0 = score(read_bare, concept_scene, target, kind)
+            scores.cp.append(cp)
+            scores.pf.append(pf)
+            scores.cp_bare.append(cp0)
+            scores.pf_bare.append(pf0)
+        log(f"{kind} {c + 1}/{concepts}: CP {np.mean(scores.cp):.2f} (bare word {np.mean(scores.cp_bare):.2f}), "
+            f"PF {np.mean(scores.pf):.2f}, {scores.learn_seconds[-1]:.0f} s to learn")
+    return scores
+
