@@ -147,4 +147,4 @@ def test_comfyignore_keeps_development_files_out_of_the_published_archive():
     ignored = {line.strip() for line in (REPO / ".comfyignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {"tests/", "benchmarks/", ".ci/"} <= ignored
-    assert not ignored & {"nodes/", "modules/", "workflows/", "__init__.py", "requirements.txt"}
+    assert not ignored & {"nodes/", "modules/", "workflows/", "world/", "__init__.py", "requirements.txt"}
