@@ -68,7 +68,7 @@ def loss_curve_image(losses) -> torch.Tensor:
 
 def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
                   resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
-                  init_concepts=None, save=False, filename_prefix="learned"):
+                  init_concepts=None, save=False, filename_prefix="learned", flip_images=True):
     words = parse_words(words)
     positions = find_concept_positions(clip_t5_layout(clip), caption, words)
     with torch.no_grad():
@@ -84,7 +84,8 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
 
     latents, flipped = images_to_latents(vae, model, image, resolution)
     config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate, seed=seed,
-                         stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max))
+                         stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max),
+                         flip_probability=0.5 if flip_images else 0.0)
     mm.load_models_gpu([denoiser.model_patcher])
     progress = comfy.utils.ProgressBar(steps)
     with comfy_training_mode():
@@ -153,6 +154,9 @@ class ModAdapterLearnConcept(io.ComfyNode):
                                  tooltip="Recompute blocks in the backward pass: much less memory, ~30% slower."),
                 io.Boolean.Input("save", default=False, tooltip="Also save the learned concepts to models/mod_concepts."),
                 io.String.Input("filename_prefix", default="learned", tooltip="File name start when saving."),
+                io.Boolean.Input("flip_images", default=True,
+                                 tooltip="Also learn from the images mirrored left to right (half the steps). Turn it "
+                                         "off for concepts that have a side: a pose, a light from the left."),
                 ConceptsSocket.Input("init_concepts", optional=True,
                                      tooltip="Optional starting point, e.g. a Mod-Adapter prediction of the same words: "
                                              "a few refinement steps then suffice."),
@@ -166,11 +170,12 @@ class ModAdapterLearnConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed, resolution,
-                stage1_t_min, stage2_t_max, gradient_checkpointing, save, filename_prefix,
+                stage1_t_min, stage2_t_max, gradient_checkpointing, save, filename_prefix, flip_images=True,
                 init_concepts=None) -> io.NodeOutput:
         with torch.inference_mode(False):  # ComfyUI executes nodes under inference mode; learning needs autograd
             concepts, curve = learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps,
                                             learning_rate, seed, resolution, stage1_t_min, stage2_t_max,
                                             gradient_checkpointing=gradient_checkpointing,
-                                            init_concepts=init_concepts, save=save, filename_prefix=filename_prefix)
+                                            init_concepts=init_concepts, save=save, filename_prefix=filename_prefix,
+                                            flip_images=flip_images)
         return io.NodeOutput(concepts, curve)

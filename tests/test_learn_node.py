@@ -28,11 +28,11 @@ def env(comfyui, tmp_path_factory):
     return dict(nodes=pack_nodes, image=image, concepts_dir=concepts_dir, **models)
 
 
-def learn(env, seed=0, steps=6, words="dog", caption="a photo of a dog", save=False, init=None, lr=5e-2):
+def learn(env, seed=0, steps=6, words="dog", caption="a photo of a dog", save=False, init=None, lr=5e-2, flip=True):
     with torch.inference_mode():  # as ComfyUI's executor calls nodes
         return env["nodes"].ModAdapterLearnConcept.execute(
             env["model"], env["clip"], env["vae"], env["image"], caption, words, steps, steps // 2, lr, seed, 64,
-            0.8, 0.8, True, save, "learned", init).result
+            0.8, 0.8, True, save, "learned", flip_images=flip, init_concepts=init).result
 
 
 def test_learns_concepts_deterministically_and_draws_the_loss_curve(env):
@@ -47,6 +47,14 @@ def test_learns_concepts_deterministically_and_draws_the_loss_curve(env):
         torch.testing.assert_close(a.delta, b.delta)
     other_seed, _ = learn(env, seed=1, words="dog, beach", caption="a photo of a dog on a beach")
     assert not torch.allclose(other_seed.items[0].delta, concepts.items[0].delta)
+
+
+def test_flipping_can_be_turned_off_for_concepts_that_have_a_side(env):
+    flipped, _ = learn(env, seed=2)
+    unflipped, _ = learn(env, seed=2, flip=False)
+    assert not torch.allclose(flipped.items[0].delta, unflipped.items[0].delta)  # seed 2 draws flips in 6 steps
+    again, _ = learn(env, seed=2, flip=False)
+    torch.testing.assert_close(again.items[0].delta, unflipped.items[0].delta)
 
 
 def test_the_shared_model_is_left_unchanged(env):
