@@ -494,6 +494,18 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_make_pairs(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .modules.world.pairs import write_pairs
+
+    with tqdm(total=args.count, desc="rendering pairs", unit="pair", disable=args.no_progress) as bar:
+        counts = write_pairs(args.out, args.seed, args.count, args.split, progress=bar.update)
+    print(f"wrote {args.count} pairs ({', '.join(f'{n} {k}' for k, n in counts.items())}) and "
+          f"{os.path.join(args.out, 'manifest.jsonl')}", file=sys.stderr)
+    return 0
+
+
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     from .modules.world.judge import judge_accuracy, load_judge
     from .modules.world.split import scenes
@@ -592,6 +604,14 @@ def _add_world_commands(sub) -> None:
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
     eval_learn.set_defaults(func=cmd_world_eval_learn)
+    make_pairs = commands.add_parser("make-pairs", help="render the adapter's training pairs (concept image, word, "
+                                                         "a target sharing only the concept, p+) as a manifest")
+    make_pairs.add_argument("--out", required=True, help="folder for images/ and manifest.jsonl")
+    make_pairs.add_argument("--count", type=int, default=20_000, help="pairs, the five kinds in turn (default 20000)")
+    make_pairs.add_argument("--split", choices=["train", "eval"], default="train", help="scenes (default train)")
+    make_pairs.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    make_pairs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    make_pairs.set_defaults(func=cmd_world_make_pairs)
     evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")
     evaluate.add_argument("judge", help="judge.safetensors")
     evaluate.add_argument("--count", type=int, default=2000, help="renders (default 2000)")

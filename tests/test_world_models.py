@@ -140,3 +140,25 @@ def test_the_exported_world_is_a_diffusers_flux_folder_the_pack_loads(tmp_path):
     with pytest.raises(ModAdapterError, match="incomplete"):
         os.remove(paths["clip_vision_config"])
         check_world(world)
+
+
+def test_a_training_pair_shares_only_its_concept_and_its_manifest_validates(tmp_path):
+    from mod_adapter.modules.training.manifest import validate_manifest
+    from mod_adapter.modules.world.pairs import CONCEPT_KINDS, pairs, write_pairs
+    from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
+    from mod_adapter.modules.world.split import TRAIN, split_of
+
+    drawn = list(pairs(0, 20))
+    assert {p.kind for p in drawn} == set(CONCEPT_KINDS)
+    for pair in drawn:
+        kept = CONCEPT_ATTRIBUTES[pair.kind]
+        for name, value in pair.concept.attributes().items():
+            assert (getattr(pair.target, name) == value) == (name in kept), (pair, name)
+        assert split_of(pair.concept) == split_of(pair.target) == TRAIN
+        assert pair.word in pair.caption.split()
+        assert pair.attribute_caption not in pair.caption  # the adapter has to bring the concept's values
+        if pair.kind == "object":
+            assert pair.concept.colour not in pair.caption.split()
+    write_pairs(str(tmp_path), 0, 5)
+    report = validate_manifest(tmp_path / "manifest.jsonl", require_attribute_caption=True)
+    assert len(report.records) == 5 and not report.problems and not report.warnings
