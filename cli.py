@@ -319,7 +319,7 @@ def _add_training_commands(sub) -> None:
                     "attribute_caption. Runs under torchrun for several GPUs/machines (DDP). See docs/training.md.")
     pre.add_argument("--manifest", required=True, help="training manifest (.jsonl) with attribute_caption on every record")
     _add_model_arguments(pre, image_encoder=True)
-    pre.add_argument("--preset", choices=["paper", "tiny"], help="adapter size (default paper)")
+    pre.add_argument("--preset", choices=["paper", "tiny", "world"], help="adapter size (default paper)")
     pre.add_argument("--config", metavar="JSON", help="adapter config JSON: a full config or overrides of --preset")
     pre.add_argument("--router", metavar="FILE", help="router file from fit-router (required with more than one expert)")
     pre.add_argument("--text-dtype", default="float32", help="dtype of CLIP-L and vector_in (default float32)")
@@ -336,7 +336,7 @@ def _add_training_commands(sub) -> None:
     train.add_argument("--manifest", required=True, help="training manifest (.jsonl)")
     _add_model_arguments(train, image_encoder=True, clip_l=False)
     train.add_argument("--init", metavar="ADAPTER", help="pre-training checkpoint to start from (the paper's recipe)")
-    train.add_argument("--preset", choices=["paper", "tiny"], help="without --init: adapter size")
+    train.add_argument("--preset", choices=["paper", "tiny", "world"], help="without --init: adapter size")
     train.add_argument("--config", metavar="JSON", help="without --init: adapter config JSON")
     train.add_argument("--router", metavar="FILE", help="without --init: router file from fit-router")
     train.add_argument("--flux-dtype", default="auto", help="FLUX weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print the metadata of a Mod-Adapter checkpoint or concept file (validated, "
                                       "without loading weights), or the size of a preset adapter.")
     info.add_argument("file", nargs="?", help="a .safetensors adapter checkpoint or concept file")
-    info.add_argument("--preset", choices=["paper", "tiny"], help="describe a preset adapter instead of a file")
+    info.add_argument("--preset", choices=["paper", "tiny", "world"], help="describe a preset adapter instead of a file")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 

@@ -97,4 +97,18 @@ PRESETS: Dict[str, ModAdapterConfig] = {
         num_experts=3,
         expert_hidden_dim=48,
     ),
+    # The toy world's FLUX.1 (3 double + 6 single blocks of width 128) and its CLIP vision tokens (width 128):
+    # the paper's structure at the world's size (docs/results.md).
+    "world": ModAdapterConfig(
+        num_blocks=9,
+        num_double_blocks=3,
+        modulation_dim=128,
+        image_token_dim=128,
+        hidden_dim=128,
+        num_heads=4,
+        num_cross_attention_blocks=2,
+        mlp_ratio=4.0,
+        num_experts=4,
+        expert_hidden_dim=512,
+    ),
 }

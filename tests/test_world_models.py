@@ -162,3 +162,35 @@ def test_a_training_pair_shares_only_its_concept_and_its_manifest_validates(tmp_
     write_pairs(str(tmp_path), 0, 5)
     report = validate_manifest(tmp_path / "manifest.jsonl", require_attribute_caption=True)
     assert len(report.records) == 5 and not report.problems and not report.warnings
+
+
+def _cli(*args):
+    result = subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_the_packs_commands_run_on_a_world_folder_through_flux(tmp_path):
+    """learn, fit-router, pretrain and train on the exported world, with the world preset and nothing else special."""
+    from mod_adapter.modules.world.pairs import write_pairs
+
+    world = random_world(str(tmp_path / "world"))
+    paths = check_world(world)
+    write_pairs(str(tmp_path / "pairs"), 0, 6)
+    manifest = str(tmp_path / "pairs" / "manifest.jsonl")
+    flux = ["--flux", paths["flux"], "--base-model", "toy-world"]
+    encoder = ["--image-encoder", "ModAdapter-World-ViT-8", "--image-encoder-weights", paths["image_encoder"],
+               "--image-encoder-config", paths["image_encoder_config"]]
+    loop = ["--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+    _cli("fit-router", "--manifest", manifest, *flux, "--experts", "4", "--out", str(tmp_path / "router.safetensors"))
+    _cli("pretrain", "--manifest", manifest, *flux, *encoder, "--router", str(tmp_path / "router.safetensors"),
+         "--preset", "world", "--out", str(tmp_path / "pretrain"), *loop)
+    _cli("train", "--manifest", manifest, *flux, *encoder, "--init", str(tmp_path / "pretrain" / "adapter.safetensors"),
+         "--resolution", "64", "--max-sequence-length", "48", "--out", str(tmp_path / "train"), *loop)
+    image = str(tmp_path / "pairs" / "images" / "0000001-concept.png")
+    _cli("learn", "--flux", paths["flux"], "--image", image, "--caption", "a cone with a surface", "--word", "surface",
+         "--out", str(tmp_path / "learned"), "--steps", "2", "--stage1-steps", "1", "--resolution", "64",
+         "--max-sequence-length", "48", "--flip-probability", "0", "--eval-draws", "0", "--no-progress")
+    assert (tmp_path / "train" / "adapter.safetensors").is_file()
+    assert list((tmp_path / "learned").glob("*.safetensors"))
