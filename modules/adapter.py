@@ -28,6 +28,10 @@ Architecture (paper, with our choices noted):
    once per forward. Each expert is an MLP hidden_dim -> expert_hidden_dim ->
    modulation_dim predicting a residual r, and F+ = n + r, so Δ = r.
 
+Ablations (config ``router="linear"``, ``image_reading="pooled"``, ``num_experts=1``): a learned softmax
+gate over all experts instead of the k-means routing; one mean image feature added to every query and
+feed-forward blocks without attention instead of the cross-attention; a single expert.
+
 Initialisation: the last linear layer of every expert is zero, so the initial
 F+ equals n and the initial Δ is exactly 0 (the DiT starts unchanged). A zero
 F+ instead would make the initial Δ = −n, which erases the word's modulation.
@@ -227,6 +231,20 @@ class CrossAttentionBlock(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
+class FeedForwardBlock(nn.Module):
+    """The MLP half of :class:`CrossAttentionBlock`, for the ablation that reads a pooled image feature instead."""
+
+    def __init__(self, hidden_dim: int, mlp_ratio: float, *, dtype=None, device=None, operations=nn):
+        super().__init__()
+        mlp_width = int(round(hidden_dim * mlp_ratio))
+        self.norm_mlp = operations.LayerNorm(hidden_dim, dtype=dtype, device=device)
+        self.mlp = nn.Sequential(operations.Linear(hidden_dim, mlp_width, dtype=dtype, device=device), nn.GELU(),
+                                 operations.Linear(mlp_width, hidden_dim, dtype=dtype, device=device))
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
 class ExpertMLP(nn.Module):
     """hidden_dim -> expert_hidden_dim -> modulation_dim; predicts the residual Δ = F+ − n."""
 
@@ -261,10 +279,16 @@ class ModAdapter(nn.Module):
         self.neutral_to_queries = operations.Linear(config.modulation_dim, config.num_blocks * h, **ops)
         self.image_norm = operations.LayerNorm(config.image_token_dim, **ops)
         self.image_proj = operations.Linear(config.image_token_dim, h, **ops)
-        self.blocks = nn.ModuleList(
-            CrossAttentionBlock(h, config.num_heads, config.mlp_ratio, operations=operations, **ops)
-            for _ in range(config.num_cross_attention_blocks)
-        )
+        if config.image_reading == "cross_attention":
+            self.blocks = nn.ModuleList(
+                CrossAttentionBlock(h, config.num_heads, config.mlp_ratio, operations=operations, **ops)
+                for _ in range(config.num_cross_attention_blocks)
+            )
+        else:  # ablation: the queries get one pooled image feature and never attend to the tokens
+            self.blocks = nn.ModuleList(FeedForwardBlock(h, config.mlp_ratio, operations=operations, **ops)
+                                        for _ in range(config.num_cross_attention_blocks))
+        if config.router == "linear":  # ablation: a learned gate instead of the k-means centroids
+            self.router_gate = operations.Linear(config.modulation_dim, config.num_experts, **ops)
         self.output_norm = operations.LayerNorm(h, **ops)
         self.experts = nn.ModuleList(
             ExpertMLP(h, config.expert_hidden_dim, config.modulation_dim, operations=operations, **ops)
@@ -321,9 +345,17 @@ class ModAdapter(nn.Module):
             self.router_centroids.copy_(centroids.to(self.router_centroids.device, torch.float32))
 
     def route(self, neutral: torch.Tensor) -> torch.Tensor:
-        """Expert index (LongTensor (C,)) of each concept: nearest centroid of its neutral feature."""
+        """Expert index (LongTensor (C,)) of each concept: nearest centroid of its neutral feature (with the
+        linear router: the expert of largest gate weight)."""
         self._check_neutral(neutral)
+        if self.config.router == "linear":
+            return self.gate_weights(neutral).argmax(dim=-1)
         return self._nearest_experts(neutral)
+
+    def gate_weights(self, neutral: torch.Tensor) -> torch.Tensor:
+        """(C, num_experts) softmax weights of the learned linear router (ablation)."""
+        normed = self.neutral_norm(neutral.to(device=self.device, dtype=self.dtype))
+        return torch.softmax(self.router_gate(normed).float(), dim=-1)
 
     def _nearest_experts(self, neutral: torch.Tensor) -> torch.Tensor:
         if self.config.num_experts == 1:
@@ -394,6 +426,9 @@ class ModAdapter(nn.Module):
         if key_mask is None:
             key_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=device)
         attention_mask = key_mask.to(device)[:, None, None, :]
+        if cfg.image_reading == "pooled":  # ablation: the mean of the kept tokens, the same for every block
+            kept = key_mask.to(device=device, dtype=dtype)[:, :, None]
+            queries = queries + ((keys * kept).sum(dim=1) / kept.sum(dim=1).clamp(min=1))[:, None, :]
         for block in self.blocks:
             queries = block(queries, keys, attention_mask)
         return self.output_norm(queries)
@@ -418,9 +453,12 @@ class ModAdapter(nn.Module):
         hot path runs without host synchronisations.
         """
         self._check_inputs(neutral, image_tokens, key_mask, experts, check_values)
+        features = self.block_features(neutral, image_tokens, key_mask)
+        if self.config.router == "linear" and experts is None:
+            weights = self.gate_weights(neutral).to(features.dtype)  # every expert, softmax-weighted
+            return sum(weights[:, e, None, None] * expert(features) for e, expert in enumerate(self.experts))
         if experts is None:
             experts = self._nearest_experts(neutral)  # the inputs were checked just above
-        features = self.block_features(neutral, image_tokens, key_mask)
         experts = experts.to(features.device)
         delta = features.new_zeros(features.shape[0], self.config.num_blocks, self.config.modulation_dim)
         # Group concepts by expert: each used expert runs once on all its concepts.

@@ -14,6 +14,12 @@ from typing import Any, Dict
 from .errors import ConfigError
 
 
+ROUTERS = ("kmeans", "linear")
+IMAGE_READINGS = ("cross_attention", "pooled")
+# Keys added after the format's first version: a checkpoint without them holds the paper's design.
+ADDED_WITH_DEFAULTS = ("router", "image_reading")
+
+
 @dataclass(frozen=True)
 class ModAdapterConfig:
     # Target DiT. The Δ table has one row per block: the double-stream blocks
@@ -36,6 +42,13 @@ class ModAdapterConfig:
     num_experts: int = 12
     expert_hidden_dim: int = 23296  # sized so the paper preset has ~1.67B parameters (paper: 1.67B)
 
+    # The paper's design, and the ablations it measures against (its Table 3):
+    # routing "kmeans" (parameter-free, fitted centroids of the neutral feature) or "linear" (a learned linear
+    # gate over the experts, softmax-weighted); image reading "cross_attention" (the block queries attend to
+    # the image tokens) or "pooled" (one mean image feature added to every query, no attention).
+    router: str = "kmeans"
+    image_reading: str = "cross_attention"
+
     def __post_init__(self) -> None:
         problems = []
         for f in fields(self):
@@ -48,6 +61,10 @@ class ModAdapterConfig:
             problems.append(f"num_double_blocks ({self.num_double_blocks}) cannot exceed num_blocks ({self.num_blocks})")
         if isinstance(self.hidden_dim, int) and isinstance(self.num_heads, int) and self.num_heads > 0 and self.hidden_dim % self.num_heads:
             problems.append(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.router not in ROUTERS:
+            problems.append(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.image_reading not in IMAGE_READINGS:
+            problems.append(f"image_reading must be one of {IMAGE_READINGS}, got {self.image_reading!r}")
         if problems:
             raise ConfigError("Invalid Mod-Adapter config: " + "; ".join(problems))
 
@@ -66,7 +83,7 @@ class ModAdapterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"Unknown Mod-Adapter config keys {unknown}; known keys are {sorted(known)}")
-        missing = sorted(known - set(data))
+        missing = sorted(known - set(data) - set(ADDED_WITH_DEFAULTS))  # files written before these existed
         if missing:
             raise ConfigError(f"Mod-Adapter config is missing keys {missing}")
         return cls(**data)

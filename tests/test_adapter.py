@@ -240,3 +240,60 @@ def test_nan_and_mask_errors():
         adapter(neutral, tokens, experts=torch.tensor([0, 3]))
     with pytest.raises(ModAdapterError, match=r"router centroids must have shape \(3, 64\)"):
         adapter.set_router_centroids(torch.randn(2, 64))
+
+
+# --- the ablations of the paper's Table 3 -------------------------------------------------------
+
+def _ablation(**changes):
+    import dataclasses
+
+    torch.manual_seed(0)
+    adapter = ModAdapter(dataclasses.replace(CFG, **changes))
+    with torch.no_grad():
+        for expert in adapter.experts:
+            torch.nn.init.normal_(expert.fc2.weight, std=0.2)
+    return adapter.eval()
+
+
+def test_a_linear_router_mixes_every_expert_by_a_learned_gate():
+    adapter = _ablation(router="linear")
+    neutral = torch.randn(3, CFG.modulation_dim)
+    delta = adapter(neutral, _tokens(3))
+    features = adapter.block_features(neutral, _tokens(3), None)
+    weights = adapter.gate_weights(neutral)
+    expected = sum(weights[:, e, None, None] * expert(features) for e, expert in enumerate(adapter.experts))
+    torch.testing.assert_close(delta, expected, **TOL)
+    assert torch.equal(adapter.route(neutral), weights.argmax(dim=-1))
+    delta.square().sum().backward()
+    assert adapter.router_gate.weight.grad.abs().sum() > 0  # the gate learns; k-means centroids never do
+    assert ModAdapter(dataclasses_replace(CFG, router="linear"))(neutral, _tokens(3)).abs().max() == 0  # Δ = 0 at init
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_pooled_image_reading_sees_only_the_mean_of_the_kept_tokens():
+    adapter = _ablation(image_reading="pooled")
+    assert not any(".to_q." in name for name, _ in adapter.named_parameters())  # no attention at all
+    neutral = torch.randn(2, CFG.modulation_dim)
+    tokens = _tokens(2, length=9)
+    delta = adapter(neutral, tokens, experts=torch.tensor([0, 1]))
+    permuted = tokens[:, torch.randperm(9, generator=torch.Generator().manual_seed(0))]
+    torch.testing.assert_close(adapter(neutral, permuted, experts=torch.tensor([0, 1])), delta, **TOL)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[:, 5:] = False
+    changed = tokens.clone()
+    changed[:, 5:] += 10.0
+    torch.testing.assert_close(adapter(neutral, changed, mask, experts=torch.tensor([0, 1])),
+                               adapter(neutral, tokens, mask, experts=torch.tensor([0, 1])), **TOL)
+
+
+def test_configs_written_before_the_ablation_switches_load_as_the_paper_design():
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("router", "image_reading")}
+    config = ModAdapterConfig.from_dict(old)
+    assert (config.router, config.image_reading) == ("kmeans", "cross_attention")
+    with pytest.raises(Exception, match="router must be one of"):
+        dataclasses_replace(CFG, router="random")
