@@ -69,6 +69,12 @@ class ModAdapterConfig:
             raise ConfigError("Invalid Mod-Adapter config: " + "; ".join(problems))
 
     @property
+    def needs_fitted_router(self) -> bool:
+        """Whether concepts are routed by fitted k-means centroids (`mod-adapter fit-router`): the paper's design
+        with more than one expert."""
+        return self.router == "kmeans" and self.num_experts > 1
+
+    @property
     def num_single_blocks(self) -> int:
         return self.num_blocks - self.num_double_blocks
 

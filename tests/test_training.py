@@ -403,3 +403,17 @@ def test_loop_settings_are_checked():
         LoopConfig(steps=1, batch_size=1, lr=-1.0).validate()
     with pytest.raises(ModAdapterError, match="--ema-decay"):
         LoopConfig(steps=1, batch_size=1, ema_decay=1.5).validate()
+
+
+def test_only_the_k_means_design_needs_a_fitted_router():
+    import dataclasses
+
+    from mod_adapter.modules.config import ModAdapterConfig
+    from mod_adapter.modules.errors import ModAdapterError
+    from mod_adapter.modules.training.stages import build_adapter
+
+    tiny = ModAdapterConfig.preset("tiny")
+    with pytest.raises(ModAdapterError, match="fit-router"):
+        build_adapter(tiny, None, seed=0)
+    assert build_adapter(dataclasses.replace(tiny, router="linear"), None, seed=0).config.router == "linear"
+    assert build_adapter(dataclasses.replace(tiny, num_experts=1), None, seed=0).config.num_experts == 1

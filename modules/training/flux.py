@@ -424,13 +424,13 @@ def run_train(settings: FluxTrainSettings, loop: LoopConfig) -> TrainingResult:
         from ..config import ModAdapterConfig
 
         config = ModAdapterConfig.from_dict(info["config"])
-        if not info["router"].get("fitted") and config.num_experts > 1:
+        if not info["router"].get("fitted") and config.needs_fitted_router:
             raise ModAdapterError(f"--init {settings.init} has no fitted router; pre-train with --router")
     else:
         config = resolve_adapter_config(settings.preset, settings.config)
     FluxLayout.from_config(flux_config).check_adapter(config, f"({settings.init or 'config'})")
     centroids, router_info = load_router(settings.router, config)
-    if not settings.router and not settings.init and config.num_experts > 1:
+    if not settings.router and not settings.init and config.needs_fitted_router:
         raise ModAdapterError("give --init (a pre-training checkpoint) or --router with --preset/--config")
     if settings.resume:
         precheck_resume(settings.resume, FluxTrainTask.stage, loop, len(records),

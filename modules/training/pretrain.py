@@ -159,7 +159,7 @@ def run_pretrain(settings: PretrainSettings, loop: LoopConfig) -> TrainingResult
     # Everything that can be checked without a model comes first.
     records = read_manifest(settings.manifest, require_attribute_caption=True)
     centroids, router_info = load_router(settings.router, config)
-    if not settings.router and config.num_experts > 1:
+    if not settings.router and config.needs_fitted_router:
         raise ModAdapterError(f"--router is required: the adapter has {config.num_experts} experts (fit the router "
                               f"with `mod-adapter fit-router`)")
     if settings.resume:

@@ -64,7 +64,7 @@ def build_adapter(config: ModAdapterConfig, centroids: Optional[torch.Tensor], s
         adapter = ModAdapter(config)
     if centroids is not None:
         adapter.set_router_centroids(centroids)
-    elif config.num_experts > 1:
+    elif config.needs_fitted_router:
         raise ModAdapterError(f"the adapter has {config.num_experts} experts but no router was given: fit one with "
                               f"`mod-adapter fit-router` and pass --router")
     return adapter
