@@ -506,6 +506,53 @@ def cmd_world_make_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_table(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .modules.world import methods
+    from .modules.world.table import MULTI, SINGLE, evaluate, make_cases, summarise
+
+    paths, pipe, judge = _world_pipeline(args.world)
+    models = methods.WorldModels.load(paths, pipe)
+    kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
+    rows = []
+    for spec in args.rows:
+        name, _, checkpoint = spec.partition("=")
+        if name in ("adapter", "global", "hybrid") and not checkpoint:
+            raise ModAdapterError(f"--rows {name}=ADAPTER.safetensors: the {name} row needs an adapter checkpoint")
+        method = {
+            "oracle": lambda: methods.text_oracle(models),
+            "bare": lambda: methods.bare_word(models),
+            "description": lambda: methods.description_only(models),
+            "adapter": lambda: methods.adapter_method(models, checkpoint),
+            "global": lambda: methods.adapter_method(models, checkpoint, everywhere=True),
+            "learn": lambda: methods.learn_concept_method(models, steps=args.learn_steps, seed=args.seed),
+            "hybrid": lambda: methods.learn_concept_method(models, steps=args.hybrid_steps, init_checkpoint=checkpoint,
+                                                           seed=args.seed),
+        }.get(name.split(":")[0])
+        if method is None:
+            raise ModAdapterError(f"unknown row {name!r}; rows are oracle, bare, description, adapter=FILE, "
+                                  f"global=FILE, learn, hybrid=FILE (a label may follow, e.g. adapter:no-moe=FILE)")
+        method = method()
+        count = args.learn_count if name.startswith(("learn", "hybrid")) else args.count
+        for set_name in args.sets:
+            cases = make_cases(kind_sets[set_name], count, args.seed)
+            with tqdm(total=len(cases), desc=f"{name} {set_name}", unit="image", disable=args.no_progress) as bar:
+                result = evaluate(name, method, cases, pipe, judge, steps=args.steps, cfg=args.cfg,
+                                  progress=bar.update)
+            rows.append({"set": set_name, **summarise(result, seed=args.seed)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
+              "cfg": args.cfg, "seed": args.seed, "learn_steps": args.learn_steps, "hybrid_steps": args.hybrid_steps,
+              "rows": rows}
+    text = json.dumps(output, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     from .modules.world.judge import judge_accuracy, load_judge
     from .modules.world.split import scenes
@@ -612,6 +659,25 @@ def _add_world_commands(sub) -> None:
     make_pairs.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     make_pairs.add_argument("--no-progress", action="store_true", help="no progress bar")
     make_pairs.set_defaults(func=cmd_world_make_pairs)
+    table = commands.add_parser("table", help="the paper's table on the world: methods x test sets, CP / PF / "
+                                              "CP·PF / copy-paste with 95% bootstrap intervals")
+    table.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    table.add_argument("--rows", nargs="+", required=True,
+                       help="oracle, bare, description, adapter=FILE, global=FILE, learn, hybrid=FILE; a label after "
+                            "a colon names a variant, e.g. adapter:no-moe=FILE")
+    table.add_argument("--sets", nargs="+", default=["single", "multi2", "multi3", "multi4"],
+                       choices=["single", "multi2", "multi3", "multi4"], help="test sets (default all)")
+    table.add_argument("--count", type=int, default=40, help="images per kind set (default 40)")
+    table.add_argument("--learn-count", type=int, default=8,
+                       help="images per kind set for the learn and hybrid rows (a seeded subset; default 8)")
+    table.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
+    table.add_argument("--hybrid-steps", type=int, default=100, help="hybrid refinement steps (default 100)")
+    table.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
+    table.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    table.add_argument("--seed", type=int, default=11, help="seed of the cases (default 11)")
+    table.add_argument("--out", help="also write the JSON here")
+    table.add_argument("--no-progress", action="store_true", help="no progress bar")
+    table.set_defaults(func=cmd_world_table)
     evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")
     evaluate.add_argument("judge", help="judge.safetensors")
     evaluate.add_argument("--count", type=int, default=2000, help="renders (default 2000)")

@@ -1,0 +1,158 @@
+"""The rows of the world's table: how each method turns a test case's concepts into Δ tables.
+
+Every method returns, for a :class:`~.table.Case`, the prompt to generate and
+the concepts (Δ on the tokens of each concept word). They share one loaded
+world (:class:`WorldModels`): the diffusers FLUX.1 pipeline, its CLIP text
+model and vector_in for neutral features and descriptions, and the world's
+CLIP vision encoder for the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..token_modulation import TokenConcept
+from .evaluation import word_positions
+from .pairs import concept_caption
+from .scene import Scene, render
+from .table import Case, all_text_positions, description
+from .transformer import MAX_SEQUENCE_LENGTH
+
+
+@dataclass
+class WorldModels:
+    pipe: object  # FluxPipeline of the world, float32 on the CPU
+    encoder: object  # OpenClipImageEncoder of the world
+    _features: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, paths: Dict[str, str], pipe) -> "WorldModels":
+        from ..training.stages import load_image_encoder
+        from .clip import OPEN_CLIP_NAME
+
+        encoder = load_image_encoder(OPEN_CLIP_NAME, paths["image_encoder"], "cpu",
+                                     config_file=paths["image_encoder_config"])
+        return cls(pipe, encoder)
+
+    @property
+    def num_blocks(self) -> int:
+        transformer = self.pipe.transformer
+        return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+
+    def text_feature(self, text: str) -> torch.Tensor:
+        """vector_in(CLIP pooled(text)): (width,), as FLUX builds the modulation vector from a prompt."""
+        if text not in self._features:
+            from ..training.features import clip_pooled, project_pooled, vector_in_of
+
+            pooled = clip_pooled([text], self.pipe.text_encoder, self.pipe.tokenizer)
+            self._features[text] = project_pooled(pooled, vector_in_of(self.pipe.transformer))[0].cpu()
+        return self._features[text]
+
+    def image_tokens(self, scene: Scene) -> torch.Tensor:
+        image = torch.from_numpy(render(scene)).float().div(255.0)[None]
+        return self.encoder.encode(image).cpu()
+
+    def positions(self, prompt: str, word: str) -> List[int]:
+        return word_positions(self.pipe, prompt, word)
+
+
+def text_oracle(models: WorldModels):
+    """The concepts' exact values written into the prompt (the ceiling)."""
+    return lambda case: (case.oracle_prompt, [])
+
+
+def bare_word(models: WorldModels):
+    """The concept words with Δ = 0 (the floor)."""
+    return lambda case: (case.prompt, [])
+
+
+def description_only(models: WorldModels):
+    """Δ = vector_in(CLIP(p+)) − vector_in(CLIP(word)) on every block: the pre-training target, from the exact
+    description and no image."""
+    def method(case: Case):
+        concepts = []
+        for kind, concept, word in zip(case.kinds, case.concepts, case.words):
+            delta = models.text_feature(description(concept, kind)) - models.text_feature(word)
+            concepts.append(TokenConcept(delta[None].expand(models.num_blocks, -1).clone(),
+                                         models.positions(case.prompt, word), 1.0, name=word))
+        return case.prompt, concepts
+    return method
+
+
+class AdapterPredictor:
+    """Δ of (concept image, word) from a Mod-Adapter checkpoint, as the Predictor node computes it."""
+
+    def __init__(self, models: WorldModels, checkpoint: str):
+        from ..checkpoint import load_adapter_checkpoint
+
+        self.models = models
+        self.adapter = load_adapter_checkpoint(checkpoint, dtype=torch.float32).adapter.eval()
+
+    @torch.no_grad()
+    def delta(self, concept: Scene, word: str) -> torch.Tensor:
+        tokens = self.models.image_tokens(concept)
+        neutral = self.models.text_feature(word)[None]
+        return self.adapter(neutral, tokens)[0]
+
+
+def adapter_method(models: WorldModels, checkpoint: str, *, everywhere: bool = False):
+    """The adapter's Δ on the concept words' tokens, or (``everywhere``) on every text token: global injection."""
+    predictor = AdapterPredictor(models, checkpoint)
+
+    def method(case: Case):
+        concepts = []
+        for concept, word in zip(case.concepts, case.words):
+            positions = (all_text_positions(MAX_SEQUENCE_LENGTH) if everywhere
+                         else models.positions(case.prompt, word))
+            concepts.append(TokenConcept(predictor.delta(concept, word), positions, 1.0, name=word))
+        return case.prompt, concepts
+    return method
+
+
+class ConceptLearner:
+    """Learn Concept (TokenVerse mode) on one concept image, in process, with the pack's learning loop."""
+
+    def __init__(self, models: WorldModels, *, steps: int, seed: int = 0):
+        self.models, self.steps, self.seed = models, steps, seed
+        self.cache: Dict[Tuple[Scene, str, int], torch.Tensor] = {}
+
+    def learn(self, concept: Scene, kind: str, word: str, init: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from ..flux_diffusers import encode_caption, vae_encode
+        from ..learn_concept import LearnConfig, learn_concepts
+        from ..learn_diffusers import DiffusersDenoiser
+
+        key = (concept, kind, 0 if init is None else 1)
+        if key not in self.cache:
+            pipe = self.models.pipe
+            caption_text = concept_caption(concept, kind)
+            positions = [self.models.positions(caption_text, word)]
+            prompt_embeds, pooled = encode_caption(pipe, caption_text, "cpu", MAX_SEQUENCE_LENGTH)
+            pixels = torch.from_numpy(render(concept)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
+            latents = vae_encode(pipe.vae, pixels)
+            # TokenVerse's split (800 of 1400 steps in stage 1); no flips: a mirrored world image contradicts
+            # its caption (the object's side, the light's side)
+            config = LearnConfig(steps=self.steps, stage1_steps=max(1, self.steps * 4 // 7), seed=self.seed,
+                                 flip_probability=0.0, log_every=0)
+            with torch.enable_grad(), DiffusersDenoiser(pipe.transformer, prompt_embeds, pooled) as denoiser:
+                result = learn_concepts(denoiser, latents, positions, config, words=[word],
+                                        init=None if init is None else [init])
+            self.cache[key] = result.deltas[0].detach().cpu()
+        return self.cache[key]
+
+
+def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Optional[str] = None, seed: int = 0):
+    """TokenVerse per concept image (``steps`` each), optionally started from an adapter's prediction (hybrid)."""
+    learner = ConceptLearner(models, steps=steps, seed=seed)
+    predictor = AdapterPredictor(models, init_checkpoint) if init_checkpoint else None
+
+    def method(case: Case):
+        concepts = []
+        for kind, concept, word in zip(case.kinds, case.concepts, case.words):
+            init = predictor.delta(concept, word) if predictor is not None else None
+            concepts.append(TokenConcept(learner.learn(concept, kind, word, init),
+                                         models.positions(case.prompt, word), 1.0, name=word))
+        return case.prompt, concepts
+    return method

@@ -1,0 +1,193 @@
+"""The paper's table on the toy world: every method on the same test cases, read by the judge.
+
+A test case is one generated image: a prompt that names one to four concepts
+by their words, a concept image per concept (a held-out combination, never
+in any training set) and a seed. The ideal output is the prompt's scene with
+each concept's values taken from its concept image. Per image:
+
+* CP: per concept, the share of its attributes the judge reads as in its
+  concept image (object: shape, colour, pattern; surface: colour, pattern;
+  pose: position, size; lighting: direction, tint; background), averaged
+  over the concepts;
+* PF: the share of the prompt's own stated attributes the judge reads;
+* copy-paste: per concept image, the share of its attributes that were not
+  asked for (and differ from the ideal output) that the judge reads anyway.
+
+A method turns each concept into a Δ table (or, for the text oracle, into
+words in the prompt); :func:`evaluate` generates every case with it through
+the world sampler (the same seeds for every method) and returns per-case
+scores; :func:`summarise` gives means with 95% bootstrap intervals and
+CP·PF as the product of the means (the paper's definition).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..token_modulation import TokenConcept
+from .captions import ABSENT, GROUPS, STATED, WORD_ONLY, caption, describe, full_caption
+from .pairs import concept_word
+from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene
+from .split import EVAL, random_scene
+
+# Concept kinds per test set: single concepts of each kind, and multi-concept sets that mix an object (or a
+# surface, which an object would contradict) with abstract concepts.
+SINGLE = (("object",), ("surface",), ("pose",), ("lighting",), ("background",))
+MULTI = {
+    2: (("object", "pose"), ("object", "lighting"), ("object", "background"), ("surface", "pose"),
+        ("surface", "lighting")),
+    3: (("object", "pose", "lighting"), ("object", "lighting", "background"), ("surface", "pose", "background")),
+    4: (("object", "pose", "lighting", "background"), ("surface", "pose", "lighting", "background")),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    kinds: Tuple[str, ...]
+    concepts: Tuple[Scene, ...]  # one concept image per kind
+    ideal: Scene  # what the image should show
+    seed: int
+
+    @property
+    def words(self) -> List[str]:
+        return [concept_word(kind, concept) for kind, concept in zip(self.kinds, self.concepts)]
+
+    @property
+    def prompt(self) -> str:
+        """The ideal scene's caption with each concept's values left to the concept (its word stays)."""
+        modes = {group: STATED for group in GROUPS}
+        for kind in self.kinds:
+            if kind == "object":
+                modes["surface"] = ABSENT
+            else:
+                modes[kind] = WORD_ONLY
+        return caption(self.ideal, modes)
+
+    @property
+    def oracle_prompt(self) -> str:
+        return full_caption(self.ideal)
+
+    def concept_names(self) -> List[Tuple[str, ...]]:
+        return [CONCEPT_ATTRIBUTES[kind] for kind in self.kinds]
+
+    def stated_names(self) -> List[str]:
+        covered = {name for names in self.concept_names() for name in names}
+        return [name for name in ATTRIBUTES if name not in covered]
+
+
+def make_cases(kind_sets: Sequence[Tuple[str, ...]], count: int, seed: int) -> List[Case]:
+    """``count`` cases per kind set: fresh held-out concept images, a random scene around them."""
+    cases = []
+    for set_index, kinds in enumerate(kind_sets):
+        rng = np.random.default_rng([seed, set_index, 6])
+        for i in range(count):
+            concepts = tuple(random_scene(rng, EVAL) for _ in kinds)
+            ideal = random_scene(rng)
+            for kind, concept in zip(kinds, concepts):
+                ideal = ideal.replace(**{name: getattr(concept, name) for name in CONCEPT_ATTRIBUTES[kind]})
+            cases.append(Case(tuple(kinds), concepts, ideal, seed=int(rng.integers(2**31))))
+    return cases
+
+
+@dataclass
+class CaseScore:
+    cp: float
+    pf: float
+    copy_paste: Optional[float]  # None when no concept image had an attribute that could show up
+
+
+def score_case(case: Case, read: Dict[str, str]) -> CaseScore:
+    cp = float(np.mean([np.mean([read[n] == getattr(c, n) for n in names])
+                        for c, names in zip(case.concepts, case.concept_names())]))
+    stated = case.stated_names()
+    pf = float(np.mean([read[n] == getattr(case.ideal, n) for n in stated])) if stated else 1.0
+    copies = []
+    for concept, names in zip(case.concepts, case.concept_names()):
+        for name in ATTRIBUTES:
+            if name not in names and getattr(concept, name) != getattr(case.ideal, name):
+                copies.append(read[name] == getattr(concept, name))
+    return CaseScore(cp, pf, float(np.mean(copies)) if copies else None)
+
+
+# A method: per case, (prompt, [TokenConcept ...]) to generate with.
+Method = Callable[[Case], Tuple[str, List[TokenConcept]]]
+
+
+@dataclass
+class MethodResult:
+    name: str
+    scores: List[CaseScore] = field(default_factory=list)
+    cases: List[Case] = field(default_factory=list)
+    seconds: float = 0.0
+    method_seconds: float = 0.0  # the part spent making the Δ tables (learning, predicting)
+
+
+def evaluate(name: str, method: Method, cases: Sequence[Case], pipe, judge, *, steps: int, cfg: float,
+             batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> MethodResult:
+    from .sampling import generate
+
+    result = MethodResult(name)
+    started = time.perf_counter()
+    for start in range(0, len(cases), batch_size):
+        chunk = list(cases[start:start + batch_size])
+        made = time.perf_counter()
+        prompts, concepts = zip(*(method(case) for case in chunk))
+        result.method_seconds += time.perf_counter() - made
+        images = generate(pipe, list(prompts), [case.seed for case in chunk], steps=steps, cfg=cfg,
+                          concepts=list(concepts))
+        for case, read in zip(chunk, judge.read(images.float())):
+            result.scores.append(score_case(case, read))
+            result.cases.append(case)
+        if progress is not None:
+            progress(len(chunk))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def bootstrap_interval(values: Sequence[float], *, seed: int = 0, draws: int = 2000,
+                       statistic: Callable[[np.ndarray], float] = np.mean) -> Tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    stats = [statistic(values[rng.integers(len(values), size=len(values))]) for _ in range(draws)]
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def summarise(result: MethodResult, *, seed: int = 0) -> Dict[str, object]:
+    """Means and 95% bootstrap intervals; CP·PF is the product of the means (its interval resamples cases)."""
+    cp = np.array([s.cp for s in result.scores])
+    pf = np.array([s.pf for s in result.scores])
+    copies = [s.copy_paste for s in result.scores if s.copy_paste is not None]
+    pairs = np.stack([cp, pf], axis=1)
+    rng = np.random.default_rng(seed)
+    products = []
+    for _ in range(2000):
+        sample = pairs[rng.integers(len(pairs), size=len(pairs))]
+        products.append(sample[:, 0].mean() * sample[:, 1].mean())
+    return {
+        "method": result.name, "images": len(result.scores),
+        "cp": float(cp.mean()), "cp_95": bootstrap_interval(cp, seed=seed),
+        "pf": float(pf.mean()), "pf_95": bootstrap_interval(pf, seed=seed),
+        "cp_pf": float(cp.mean() * pf.mean()),
+        "cp_pf_95": (float(np.percentile(products, 2.5)), float(np.percentile(products, 97.5))),
+        "copy_paste": float(np.mean(copies)) if copies else None,
+        "copy_paste_95": bootstrap_interval(copies, seed=seed) if copies else None,
+        "seconds": round(result.seconds, 1), "method_seconds": round(result.method_seconds, 1),
+        "seconds_per_image": round(result.seconds / max(1, len(result.scores)), 3),
+    }
+
+
+def all_text_positions(length: int) -> List[int]:
+    return list(range(length))
+
+
+def description(concept: Scene, kind: str) -> str:
+    """p+: the generator's exact description of the concept (what pre-training regresses to)."""
+    return describe(concept, kind)
+
+
+__all__ = ["Case", "CaseScore", "MULTI", "MethodResult", "SINGLE", "all_text_positions", "bootstrap_interval",
+           "description", "evaluate", "make_cases", "score_case", "summarise"]
