@@ -1,0 +1,93 @@
+"""The world's table: test cases, scoring, intervals, and every row's plumbing on an untrained world."""
+
+import pytest
+
+from mod_adapter.modules.world.scene import ATTRIBUTES
+from mod_adapter.modules.world.split import EVAL, split_of
+from mod_adapter.modules.world.table import MULTI, SINGLE, make_cases, score_case, summarise
+
+
+def test_cases_name_every_concept_by_its_word_and_leave_its_values_to_the_concept():
+    for kinds in list(SINGLE) + [k for sets in MULTI.values() for k in sets]:
+        for case in make_cases([kinds], 3, seed=1):
+            assert all(split_of(c) == EVAL for c in case.concepts)  # held-out concept images only
+            words = case.prompt.split()
+            for kind, concept, word in zip(case.kinds, case.concepts, case.words):
+                assert word in words
+                if kind != "object":
+                    assert f" {kind} " in f" {case.prompt} "
+            for kind, concept in zip(case.kinds, case.concepts):  # the ideal output carries each concept
+                from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
+
+                assert all(getattr(case.ideal, n) == getattr(concept, n) for n in CONCEPT_ATTRIBUTES[kind])
+    assert make_cases([("pose",)], 2, seed=1) == make_cases([("pose",)], 2, seed=1)
+
+
+def test_scores_count_the_concept_the_prompt_and_what_was_copied():
+    (case,) = make_cases([("surface",)], 1, seed=3)
+    ideal = {name: getattr(case.ideal, name) for name in ATTRIBUTES}
+    perfect = score_case(case, ideal)
+    assert (perfect.cp, perfect.pf, perfect.copy_paste) == (1.0, 1.0, 0.0)
+    copied = dict(ideal, **{n: getattr(case.concepts[0], n) for n in ATTRIBUTES if n not in ("colour", "pattern")})
+    score = score_case(case, copied)
+    assert score.cp == 1.0 and score.copy_paste == 1.0 and score.pf < 1.0
+    wrong = dict(ideal, colour=next(v for v in ATTRIBUTES["colour"] if v != case.ideal.colour))
+    assert score_case(case, wrong).cp == 0.5
+
+
+def test_summary_gives_cp_pf_as_the_product_of_means_with_intervals():
+    from mod_adapter.modules.world.table import CaseScore, MethodResult
+
+    result = MethodResult("x", scores=[CaseScore(1.0, 0.5, None), CaseScore(0.0, 1.0, 0.5)] * 10)
+    row = summarise(result)
+    assert row["cp_pf"] == pytest.approx(0.5 * 0.75)
+    assert row["cp_95"][0] < 0.5 < row["cp_95"][1] and row["copy_paste"] == 0.5
+
+
+def test_every_row_runs_on_an_untrained_world(tmp_path):
+    import torch
+
+    from mod_adapter.modules.checkpoint import save_adapter_checkpoint
+    from mod_adapter.modules.config import ModAdapterConfig
+    from mod_adapter.modules.adapter import ModAdapter
+    from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
+    from mod_adapter.modules.world import methods
+    from mod_adapter.modules.world.folder import check_world
+    from mod_adapter.modules.world.judge import load_judge
+    from mod_adapter.modules.world.table import evaluate
+
+    from world_builders import random_world
+
+    paths = check_world(random_world(str(tmp_path)))
+    pipe = load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32)
+    models = methods.WorldModels.load(paths, pipe)
+    torch.manual_seed(0)
+    adapter = ModAdapter(ModAdapterConfig.preset("world"))
+    with torch.no_grad():
+        for expert in adapter.experts:
+            expert.fc2.weight.normal_(0, 0.5)
+    checkpoint = str(tmp_path / "adapter.safetensors")
+    save_adapter_checkpoint(checkpoint, adapter, base_model="toy-world",
+                            image_encoder={"name": "ModAdapter-World-ViT-8", "layer": "penultimate", "tokens": 65,
+                                           "width": 128})
+    cases = make_cases([("object", "pose")], 1, seed=0)
+    judge = load_judge(paths["judge"])
+    rows = {
+        "oracle": methods.text_oracle(models), "bare": methods.bare_word(models),
+        "description": methods.description_only(models), "adapter": methods.adapter_method(models, checkpoint),
+        "global": methods.adapter_method(models, checkpoint, everywhere=True),
+        "learn": methods.learn_concept_method(models, steps=2),
+        "hybrid": methods.learn_concept_method(models, steps=2, init_checkpoint=checkpoint),
+    }
+    prompts = {}
+    for name, method in rows.items():
+        prompt, concepts = method(cases[0])
+        prompts[name] = prompt
+        assert len(concepts) == (0 if name in ("oracle", "bare") else 2)
+        for concept in concepts:
+            assert concept.delta.shape == (9, 128) and torch.isfinite(concept.delta).all()
+        assert len(evaluate(name, method, cases, pipe, judge, steps=2, cfg=4.0).scores) == 1
+    assert prompts["oracle"] != prompts["bare"] == prompts["adapter"]
+    _, local = rows["adapter"](cases[0])
+    _, everywhere = rows["global"](cases[0])
+    assert len(everywhere[0].positions) == 48 > len(local[0].positions)
