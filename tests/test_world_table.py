@@ -91,3 +91,32 @@ def test_every_row_runs_on_an_untrained_world(tmp_path):
     _, local = rows["adapter"](cases[0])
     _, everywhere = rows["global"](cases[0])
     assert len(everywhere[0].positions) == 48 > len(local[0].positions)
+
+
+def test_the_demo_writes_a_labelled_grid(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from PIL import Image
+
+    from mod_adapter.modules.adapter import ModAdapter
+    from mod_adapter.modules.checkpoint import save_adapter_checkpoint
+    from mod_adapter.modules.config import ModAdapterConfig
+    from mod_adapter.modules.world.demo import DEMO_ROWS
+
+    from world_builders import random_world
+
+    world = random_world(str(tmp_path))
+    save_adapter_checkpoint(str(tmp_path / "adapter.safetensors"), ModAdapter(ModAdapterConfig.preset("world")),
+                            base_model="toy-world")
+    out = tmp_path / "demo.png"
+    run = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--adapter",
+                          str(tmp_path / "adapter.safetensors"), "--out", str(out), "--steps", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
+    missing = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--out",
+                              str(tmp_path / "x.png")], capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "adapter" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,116 @@
+"""``mod-adapter demo``: the shipped world and adapter compose shipped concept images into a few prompts.
+
+Each row of the grid: the concept images with their words, the prompt alone
+(the concept words with Δ = 0), and the prompt with the adapter's concepts,
+for the same seed. Everything is rendered and generated here on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..token_modulation import TokenConcept
+from .scene import Scene, render
+
+# The shipped concept images: scenes of held-out combinations, named by what they show.
+CONCEPT_IMAGES = {
+    "red striped star": Scene("star", "red", "stripes", "right", "large", "top", "cool", "grass"),
+    "blue dotted box": Scene("box", "blue", "dots", "centre", "small", "bottom", "warm", "sky"),
+    "yellow checked cone": Scene("cone", "yellow", "checks", "left", "large", "right", "warm", "brick"),
+    "large, on the right": Scene("cup", "white", "plain", "right", "large", "left", "warm", "sand"),
+    "small, on the left": Scene("ring", "pink", "plain", "left", "small", "top", "cool", "brick"),
+    "warm light from the left": Scene("ball", "green", "plain", "centre", "small", "left", "warm", "sky"),
+}
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    prompt: str
+    concepts: Tuple[Tuple[str, str], ...]  # (word, concept image name)
+    seed: int
+
+
+DEMO_ROWS = (
+    DemoRow("a star in a pose, small on the left under warm light from the left on a sand background",
+            (("star", "red striped star"),), 3),
+    DemoRow("a ball with a surface in a pose, large on the right under cool light from the top on a brick background",
+            (("surface", "blue dotted box"),), 4),
+    DemoRow("a cone in a pose under warm light from the bottom on a sky background",
+            (("cone", "yellow checked cone"), ("pose", "large, on the right")), 5),
+    DemoRow("a star whose surface is orange plain in a pose, small in the centre under a lighting on a grass background",
+            (("lighting", "warm light from the left"),), 6),
+    DemoRow("a box in a pose under a lighting on a sand background",
+            (("box", "blue dotted box"), ("pose", "small, on the left"), ("lighting", "warm light from the left")), 7),
+)
+
+
+def _label(image: np.ndarray, text: str, width: int) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 above a white strip with ``text`` wrapped to ``width`` pixels."""
+    from PIL import Image, ImageDraw
+
+    font_width = 6  # PIL's default bitmap font
+    per_line = max(8, width // font_width)
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if len(line) + len(word) + 1 > per_line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    strip = Image.new("RGB", (width, 12 * len(lines) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, text_line in enumerate(lines):
+        draw.text((2, 2 + 12 * i), text_line, fill="black")
+    return np.concatenate([image, np.asarray(strip)], axis=0)
+
+
+def _pad_to(image: np.ndarray, height: int) -> np.ndarray:
+    pad = np.full((height - image.shape[0], image.shape[1], 3), 255, np.uint8)
+    return np.concatenate([image, pad], axis=0)
+
+
+def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+@torch.no_grad()
+def demo_grid(models, predictor, rows: Sequence[DemoRow] = DEMO_ROWS, *, steps: int = 20, cfg: float = 4.0,
+              scale: int = 2, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """The labelled grid (H, W, 3) uint8: per row, concept images | prompt only | with concepts."""
+    from .sampling import generate
+
+    prompts = [row.prompt for row in rows]
+    seeds = [row.seed for row in rows]
+    concepts: List[List[TokenConcept]] = []
+    for row in rows:
+        concepts.append([TokenConcept(predictor.delta(CONCEPT_IMAGES[name], word),
+                                      models.positions(row.prompt, word), 1.0, name=word)
+                         for word, name in row.concepts])
+    plain = generate(models.pipe, prompts, seeds, steps=steps, cfg=cfg,
+                     progress=(lambda i: progress(1)) if progress else None)
+    composed = generate(models.pipe, prompts, seeds, steps=steps, cfg=cfg, concepts=concepts,
+                        progress=(lambda i: progress(1)) if progress else None)
+    to_uint8 = lambda t: (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
+    tile = 64 * scale
+    max_concepts = max(len(row.concepts) for row in rows)
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [_label(_upscale(render(CONCEPT_IMAGES[name]), scale), f'"{word}": {name}', tile)
+                 for word, name in row.concepts]
+        cells += [np.full_like(cells[0], 255)] * (max_concepts - len(row.concepts))
+        cells.append(_label(_upscale(to_uint8(plain[index]), scale), "prompt only", tile))
+        cells.append(_label(_upscale(to_uint8(composed[index]), scale), "with the concepts", tile))
+        height = max(cell.shape[0] for cell in cells)
+        gap = np.full((height, 6, 3), 255, np.uint8)
+        body = np.concatenate([x for cell in cells for x in (_pad_to(cell, height), gap)], axis=1)
+        lines.append(_label(body, row.prompt, body.shape[1]))
+    width = max(line.shape[1] for line in lines)
+    rows_padded = [np.concatenate([line, np.full((line.shape[0], width - line.shape[1], 3), 255, np.uint8)], axis=1)
+                   for line in lines]
+    gap = np.full((10, width, 3), 255, np.uint8)
+    return np.concatenate([x for line in rows_padded for x in (line, gap)], axis=0)
