@@ -6,6 +6,8 @@ from mod_adapter.modules.world.scene import ATTRIBUTES
 from mod_adapter.modules.world.split import EVAL, split_of
 from mod_adapter.modules.world.table import MULTI, SINGLE, make_cases, score_case, summarise
 
+WORLD_ENCODER = {"name": "ModAdapter-World-ViT-8", "layer": "penultimate", "tokens": 65, "width": 128}
+
 
 def test_cases_name_every_concept_by_its_word_and_leave_its_values_to_the_concept():
     for kinds in list(SINGLE) + [k for sets in MULTI.values() for k in sets]:
@@ -67,9 +69,7 @@ def test_every_row_runs_on_an_untrained_world(tmp_path):
         for expert in adapter.experts:
             expert.fc2.weight.normal_(0, 0.5)
     checkpoint = str(tmp_path / "adapter.safetensors")
-    save_adapter_checkpoint(checkpoint, adapter, base_model="toy-world",
-                            image_encoder={"name": "ModAdapter-World-ViT-8", "layer": "penultimate", "tokens": 65,
-                                           "width": 128})
+    save_adapter_checkpoint(checkpoint, adapter, base_model="toy-world", image_encoder=WORLD_ENCODER)
     cases = make_cases([("object", "pose")], 1, seed=0)
     judge = load_judge(paths["judge"])
     rows = {
@@ -109,7 +109,7 @@ def test_the_demo_writes_a_labelled_grid(tmp_path):
 
     world = random_world(str(tmp_path))
     save_adapter_checkpoint(str(tmp_path / "adapter.safetensors"), ModAdapter(ModAdapterConfig.preset("world")),
-                            base_model="toy-world")
+                            base_model="toy-world", image_encoder=WORLD_ENCODER)
     out = tmp_path / "demo.png"
     run = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--adapter",
                           str(tmp_path / "adapter.safetensors"), "--out", str(out), "--steps", "2", "--no-progress"],
