@@ -577,6 +577,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_export(args: argparse.Namespace) -> int:
+    from .modules.world.folder import export_world
+
+    paths = export_world(args.flux_run, args.clip, args.out, use_ema=args.ema)
+    print(f"wrote the world's FLUX.1 folder {paths['flux']} and image encoder {paths['image_encoder']}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_world_eval_judge(args: argparse.Namespace) -> int:
     from .modules.world.judge import judge_accuracy, load_judge
     from .modules.world.split import scenes
@@ -652,6 +661,13 @@ def _add_world_commands(sub) -> None:
     eval_vae.add_argument("--split", choices=["eval", "train"], default="eval", help="scenes (default eval)")
     eval_vae.add_argument("--seed", type=int, default=123, help="seed of the scenes (default 123)")
     eval_vae.set_defaults(func=cmd_world_eval_vae)
+    export = commands.add_parser("export", help="write the world's diffusers FLUX.1 folder and image encoder from the "
+                                                "training runs (float16)")
+    export.add_argument("--flux-run", required=True, help="the train-flux run folder (its weights and its scaled VAE)")
+    export.add_argument("--clip", required=True, help="the train-clip checkpoint (clip.safetensors)")
+    export.add_argument("--out", default=_WORLD_FOLDER, help="world folder (default: the pack's world/)")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights of the FLUX run")
+    export.set_defaults(func=cmd_world_export)
     eval_flux = commands.add_parser("eval-flux", help="prompt following of the world's FLUX: held-out scenes from "
                                                       "their full captions, read by the judge")
     eval_flux.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import torch
 
 from mod_adapter.modules.world.clip import WorldClip, save_world_clip
-from mod_adapter.modules.world.folder import JUDGE_FILE, WORLD_FOLDER, export_world
+from mod_adapter.modules.world.folder import JUDGE_FILE, WORLD_FOLDER
 from mod_adapter.modules.world.transformer import WorldFlux, save_world_flux
 from mod_adapter.modules.world.vae import build_vae, save_world_vae
 
@@ -36,7 +38,10 @@ def random_world(folder: str, seed: int = 0) -> str:
     """A complete world folder (flux/, image_encoder/, judge.safetensors) with random base models."""
     checkpoints = random_world_checkpoints(os.path.join(folder, "runs"), seed)
     world = os.path.join(folder, "world")
-    export_world(checkpoints["flux_run"], checkpoints["clip"], world,
-                 tokenizers=os.path.join(WORLD_FOLDER, "flux"))
+    os.makedirs(os.path.join(world, "flux"))
+    for name in ("tokenizer", "tokenizer_2"):  # the shipped tokenizers, as in the pack's own world/
+        shutil.copytree(os.path.join(WORLD_FOLDER, "flux", name), os.path.join(world, "flux", name))
+    subprocess.run([sys.executable, "-m", "mod_adapter.cli", "world", "export", "--flux-run", checkpoints["flux_run"],
+                    "--clip", checkpoints["clip"], "--out", world], check=True, capture_output=True, timeout=600)
     shutil.copy(os.path.join(WORLD_FOLDER, JUDGE_FILE), os.path.join(world, JUDGE_FILE))
     return world
