@@ -563,10 +563,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .modules.world.demo import DEMO_ROWS, demo_grid
 
     started = time.perf_counter()
-    adapter = args.adapter or os.path.join(args.world, "adapter.safetensors")
+    from .modules.world.folder import WORLD_ADAPTER_FILE
+
+    adapter = args.adapter or os.path.join(args.world, "adapter", WORLD_ADAPTER_FILE)
     if not os.path.isfile(adapter):
         raise ModAdapterError(f"no adapter at {adapter}: the demo needs the world's trained adapter (shipped in "
-                              f"world/adapter.safetensors; reinstall the pack, or give --adapter)")
+                              f"world/adapter/{WORLD_ADAPTER_FILE}; reinstall the pack, or give --adapter)")
     paths, pipe, _ = _world_pipeline(args.world)
     models = methods.WorldModels.load(paths, pipe)
     predictor = methods.AdapterPredictor(models, adapter)
@@ -845,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "labelled PNG grid (a minute on a CPU)")
     demo.add_argument("--out", default="mod_adapter_demo.png", help="the PNG to write (default mod_adapter_demo.png)")
     demo.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
-    demo.add_argument("--adapter", help="adapter checkpoint (default: the world's adapter.safetensors)")
+    demo.add_argument("--adapter", help="adapter checkpoint (default: the world's adapter/toy_world_adapter.safetensors)")
     demo.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)

@@ -1,7 +1,7 @@
 """Model folders of the pack, registered the way IPAdapter_plus does it.
 
 `models/mod_adapter` holds adapter checkpoints, `models/mod_concepts` concept
-files. Paths a user gave in extra_model_paths.yaml (loaded before custom
+files; the toy world's adapter (world/adapter/ in the pack) is listed too. Paths a user gave in extra_model_paths.yaml (loaded before custom
 nodes) are kept; the default folder is added to them. Only .safetensors is
 listed: the pack never loads pickle files.
 """
@@ -16,6 +16,8 @@ EXTENSIONS = {".safetensors"}
 
 
 def register_model_folders() -> None:
+    from ..modules.world.folder import WORLD_ADAPTER_FOLDER
+
     for name in (ADAPTER_FOLDER, CONCEPT_FOLDER):
         default = os.path.join(folder_paths.models_dir, name)
         folder_paths.add_model_folder_path(name, default)
@@ -25,6 +27,9 @@ def register_model_folders() -> None:
             os.makedirs(default, exist_ok=True)
         except OSError:  # a read-only models folder: the files can still come from extra_model_paths.yaml
             pass
+    # The toy world's adapter ships with the pack: the Loader lists it after the user's own (new files still go
+    # to models/mod_adapter, the first path).
+    folder_paths.add_model_folder_path(ADAPTER_FOLDER, WORLD_ADAPTER_FOLDER)
 
 
 def missing_file_error(name: str, filename, what: str):

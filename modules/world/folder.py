@@ -6,6 +6,7 @@
       image_encoder/   open_clip_model.safetensors (open_clip layout), ModAdapter-World-ViT-8.json (its open_clip
                        architecture) and clip_vision_config.json (the same in the transformers/ComfyUI format)
       judge.safetensors
+      adapter/         toy_world_adapter.safetensors, the world's Mod-Adapter (listed by the Loader node)
 
 :func:`export_world` writes the first two from the training runs, in float16
 (every file of the world together stays under 25 MB). The sampler settings
@@ -33,6 +34,9 @@ FLUX_FOLDER = "flux"
 IMAGE_ENCODER_FOLDER = "image_encoder"
 IMAGE_ENCODER_FILE = "open_clip_model.safetensors"
 JUDGE_FILE = "judge.safetensors"
+# The world's trained Mod-Adapter (the Loader node lists this folder): docs/results.md, issue "the paper's table".
+WORLD_ADAPTER_FOLDER = os.path.join(WORLD_FOLDER, "adapter")
+WORLD_ADAPTER_FILE = "toy_world_adapter.safetensors"
 IMAGE_ENCODER_NAME = OPEN_CLIP_NAME
 CLIP_VISION_CONFIG_FILE = "clip_vision_config.json"
 
