@@ -19,6 +19,7 @@ from test_comfy_server import read_png
 from test_workflows import WORKFLOWS_DIR, load_workflow, ui_to_api
 
 TOY_WORLD_WORKFLOW = "toy_world_learn_concept.json"
+MULTI_CONCEPT_WORKFLOW = "toy_world_multi_concept.json"
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,34 @@ def server(comfyui, tmp_path_factory):
     for part in ("flux", "image_encoder"):
         shutil.rmtree(pack / "world" / part, ignore_errors=True)
         shutil.copytree(f"{world}/{part}", pack / "world" / part)
+    untrained_world_adapter(pack / "world" / "adapter" / "toy_world_adapter.safetensors")
     (base / "input").mkdir()
     with running_comfyui(base) as instance:
         yield instance
 
 
-def short_workflow(learn_steps=8, sample_steps=5) -> dict:
-    workflow = copy.deepcopy(load_workflow(WORKFLOWS_DIR / TOY_WORLD_WORKFLOW))
+def untrained_world_adapter(path):
+    """A world-preset adapter with random (non-zero) experts, so that its concepts change the image."""
+    import torch
+
+    from mod_adapter.modules.adapter import ModAdapter
+    from mod_adapter.modules.checkpoint import save_adapter_checkpoint
+    from mod_adapter.modules.config import ModAdapterConfig
+
+    torch.manual_seed(0)
+    adapter = ModAdapter(ModAdapterConfig.preset("world"))
+    with torch.no_grad():
+        for expert in adapter.experts:
+            expert.fc2.weight.normal_(0.0, 0.5)
+        adapter.set_router_centroids(torch.randn(adapter.config.num_experts, adapter.config.modulation_dim))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter_checkpoint(str(path), adapter, base_model="toy-world",
+                            image_encoder={"name": "ModAdapter-World-ViT-8", "layer": "penultimate", "tokens": 65,
+                                           "width": 128})
+
+
+def short_workflow(name=TOY_WORLD_WORKFLOW, learn_steps=8, sample_steps=5) -> dict:
+    workflow = copy.deepcopy(load_workflow(WORKFLOWS_DIR / name))
     for node in workflow["nodes"]:
         if node["type"] == "ModAdapterLearnConcept":
             node["widgets_values"][2:4] = [learn_steps, learn_steps // 2]
@@ -57,3 +79,16 @@ def test_the_toy_world_workflow_learns_a_concept_and_composes_it(server):
     assert learned.shape == bare.shape == (64, 64, 3)
     assert np.abs(learned.astype(int) - bare.astype(int)).max() > 0  # the learned surface changed the image
     print(f"{TOY_WORLD_WORKFLOW} ran in {time.monotonic() - started:.1f} s")
+
+
+def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(server):
+    prompt = ui_to_api(short_workflow(MULTI_CONCEPT_WORKFLOW), server.object_info)
+    assert [n["class_type"] for n in prompt.values()].count("ModAdapterPredictor") == 3
+    started = time.monotonic()
+    entry = server.run(prompt)
+    saves = {n["inputs"]["filename_prefix"]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    composed = read_png(server.image_files(entry, saves["mod_adapter/toy_world_concepts"])[0])
+    bare = read_png(server.image_files(entry, saves["mod_adapter/toy_world_bare_words"])[0])
+    assert composed.shape == bare.shape == (64, 64, 3)
+    assert np.abs(composed.astype(int) - bare.astype(int)).max() > 0  # the concepts changed the image
+    print(f"{MULTI_CONCEPT_WORKFLOW} ran in {time.monotonic() - started:.1f} s")
