@@ -510,9 +510,10 @@ def cmd_world_table(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .modules.world import methods
-    from .modules.world.table import MULTI, SINGLE, evaluate, make_cases, summarise
+    from .modules.world.table import MULTI, SINGLE, evaluate, make_cases, picture_grid, summarise
 
     paths, pipe, judge = _world_pipeline(args.world)
+    grid_results = []
     models = methods.WorldModels.load(paths, pipe)
     kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
     rows = []
@@ -539,12 +540,18 @@ def cmd_world_table(args: argparse.Namespace) -> int:
             cases = make_cases(kind_sets[set_name], count, args.seed)
             with tqdm(total=len(cases), desc=f"{name} {set_name}", unit="image", disable=args.no_progress) as bar:
                 result = evaluate(name, method, cases, pipe, judge, steps=args.steps, cfg=args.cfg,
-                                  progress=bar.update)
+                                  keep_images=args.grid_rows if set_name == args.grid_set else 0, progress=bar.update)
+            if args.grid and set_name == args.grid_set:
+                grid_results.append(result)
             rows.append({"set": set_name, **summarise(result, seed=args.seed)})
             print(json.dumps(rows[-1]), file=sys.stderr)
     output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "learn_steps": args.learn_steps, "hybrid_steps": args.hybrid_steps,
               "rows": rows}
+    if args.grid and grid_results:
+        from PIL import Image
+
+        Image.fromarray(picture_grid(grid_results, args.grid_rows)).save(args.grid)
     text = json.dumps(output, indent=1)
     if args.out:
         with open(args.out, "w") as f:
@@ -718,6 +725,10 @@ def _add_world_commands(sub) -> None:
     table.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
     table.add_argument("--seed", type=int, default=11, help="seed of the cases (default 11)")
     table.add_argument("--out", help="also write the JSON here")
+    table.add_argument("--grid", metavar="PNG", help="a picture grid: per case, its concept images and every row's "
+                                                      "output for the same seed")
+    table.add_argument("--grid-set", default="multi3", help="the test set the grid shows (default multi3)")
+    table.add_argument("--grid-rows", type=int, default=4, help="cases in the grid (default 4)")
     table.add_argument("--no-progress", action="store_true", help="no progress bar")
     table.set_defaults(func=cmd_world_table)
     evaluate = commands.add_parser("eval-judge", help="per-attribute accuracy of a judge on held-out renders")

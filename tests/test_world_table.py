@@ -120,3 +120,16 @@ def test_the_demo_writes_a_labelled_grid(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--out",
                               str(tmp_path / "x.png")], capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "adapter" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_picture_grid_shows_every_rows_output_beside_the_concept_images():
+    import torch
+
+    from mod_adapter.modules.world.table import CaseScore, MethodResult, picture_grid
+
+    cases = make_cases([("object", "pose")], 2, seed=0)
+    results = [MethodResult(name, scores=[CaseScore(1, 1, None)] * 2, cases=cases,
+                            images=[torch.full((3, 64, 64), value)] * 2) for name, value in (("a", 0.0), ("b", 1.0))]
+    grid = picture_grid(results, 2)
+    assert grid.dtype.name == "uint8" and grid.shape[1] >= 4 * 128  # two concept images + two rows' outputs
+    assert grid.shape[0] >= 2 * 128

@@ -48,7 +48,7 @@ DEMO_ROWS = (
 )
 
 
-def _label(image: np.ndarray, text: str, width: int) -> np.ndarray:
+def label_image(image: np.ndarray, text: str, width: int) -> np.ndarray:
     """``image`` (H, W, 3) uint8 above a white strip with ``text`` wrapped to ``width`` pixels."""
     from PIL import Image, ImageDraw
 
@@ -74,7 +74,7 @@ def _pad_to(image: np.ndarray, height: int) -> np.ndarray:
     return np.concatenate([image, pad], axis=0)
 
 
-def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
@@ -100,15 +100,15 @@ def demo_grid(models, predictor, rows: Sequence[DemoRow] = DEMO_ROWS, *, steps: 
     max_concepts = max(len(row.concepts) for row in rows)
     lines = []
     for index, row in enumerate(rows):
-        cells = [_label(_upscale(render(CONCEPT_IMAGES[name]), scale), f'"{word}": {name}', tile)
+        cells = [label_image(upscale(render(CONCEPT_IMAGES[name]), scale), f'"{word}": {name}', tile)
                  for word, name in row.concepts]
         cells += [np.full_like(cells[0], 255)] * (max_concepts - len(row.concepts))
-        cells.append(_label(_upscale(to_uint8(plain[index]), scale), "prompt only", tile))
-        cells.append(_label(_upscale(to_uint8(composed[index]), scale), "with the concepts", tile))
+        cells.append(label_image(upscale(to_uint8(plain[index]), scale), "prompt only", tile))
+        cells.append(label_image(upscale(to_uint8(composed[index]), scale), "with the concepts", tile))
         height = max(cell.shape[0] for cell in cells)
         gap = np.full((height, 6, 3), 255, np.uint8)
         body = np.concatenate([x for cell in cells for x in (_pad_to(cell, height), gap)], axis=1)
-        lines.append(_label(body, row.prompt, body.shape[1]))
+        lines.append(label_image(body, row.prompt, body.shape[1]))
     width = max(line.shape[1] for line in lines)
     rows_padded = [np.concatenate([line, np.full((line.shape[0], width - line.shape[1], 3), 255, np.uint8)], axis=1)
                    for line in lines]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..token_modulation import TokenConcept
 from .captions import ABSENT, GROUPS, STATED, WORD_ONLY, caption, describe, full_caption
@@ -124,10 +125,12 @@ class MethodResult:
     cases: List[Case] = field(default_factory=list)
     seconds: float = 0.0
     method_seconds: float = 0.0  # the part spent making the Δ tables (learning, predicting)
+    images: List[torch.Tensor] = field(default_factory=list)  # the first ``keep_images`` outputs, for a grid
 
 
 def evaluate(name: str, method: Method, cases: Sequence[Case], pipe, judge, *, steps: int, cfg: float,
-             batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> MethodResult:
+             batch_size: int = 32, keep_images: int = 0,
+             progress: Optional[Callable[[int], None]] = None) -> MethodResult:
     from .sampling import generate
 
     result = MethodResult(name)
@@ -139,9 +142,11 @@ def evaluate(name: str, method: Method, cases: Sequence[Case], pipe, judge, *, s
         result.method_seconds += time.perf_counter() - made
         images = generate(pipe, list(prompts), [case.seed for case in chunk], steps=steps, cfg=cfg,
                           concepts=list(concepts))
-        for case, read in zip(chunk, judge.read(images.float())):
+        for case, read, image in zip(chunk, judge.read(images.float()), images):
             result.scores.append(score_case(case, read))
             result.cases.append(case)
+            if len(result.images) < keep_images:
+                result.images.append(image)
         if progress is not None:
             progress(len(chunk))
     result.seconds = time.perf_counter() - started
@@ -180,6 +185,31 @@ def summarise(result: MethodResult, *, seed: int = 0) -> Dict[str, object]:
     }
 
 
+def picture_grid(results: Sequence[MethodResult], count: int, scale: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8: per case (row), its concept images, then each method's output for the same seed (columns),
+    with the prompt and the method names written in."""
+    from .demo import label_image, upscale
+    from .scene import render
+
+    rows = []
+    for index in range(min(count, *(len(r.images) for r in results))):
+        case = results[0].cases[index]
+        cells = [label_image(upscale(render(concept), scale), f'"{word}"', 64 * scale)
+                 for concept, word in zip(case.concepts, case.words)]
+        for result in results:
+            image = (result.images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            cells.append(label_image(upscale(image, scale), result.name, 64 * scale))
+        height = max(cell.shape[0] for cell in cells)
+        padded = [np.concatenate([cell, np.full((height - cell.shape[0], cell.shape[1], 3), 255, np.uint8)])
+                  for cell in cells]
+        body = np.concatenate([x for cell in padded for x in (cell, np.full((height, 6, 3), 255, np.uint8))], axis=1)
+        rows.append(label_image(body, case.prompt, body.shape[1]))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.concatenate([row, np.full((row.shape[0], width - row.shape[1], 3), 255, np.uint8)], axis=1)
+            for row in rows]
+    return np.concatenate([x for row in rows for x in (row, np.full((10, width, 3), 255, np.uint8))])
+
+
 def all_text_positions(length: int) -> List[int]:
     return list(range(length))
 
@@ -190,4 +220,4 @@ def description(concept: Scene, kind: str) -> str:
 
 
 __all__ = ["Case", "CaseScore", "MULTI", "MethodResult", "SINGLE", "all_text_positions", "bootstrap_interval",
-           "description", "evaluate", "make_cases", "score_case", "summarise"]
+           "description", "evaluate", "make_cases", "picture_grid", "score_case", "summarise"]
