@@ -630,6 +630,12 @@ _WORLD_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world"
 _WORLD_TOKENIZER = os.path.join(_WORLD_FOLDER, "flux", "tokenizer")
 
 
+def _add_world_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
+
+
 def _add_world_commands(sub) -> None:
     world = sub.add_parser("world", help="the toy world: train and evaluate its models (docs/results.md)")
     commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
@@ -679,24 +685,20 @@ def _add_world_commands(sub) -> None:
     export.set_defaults(func=cmd_world_export)
     eval_flux = commands.add_parser("eval-flux", help="prompt following of the world's FLUX: held-out scenes from "
                                                       "their full captions, read by the judge")
-    eval_flux.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    _add_world_sampling_arguments(eval_flux)
     eval_flux.add_argument("--count", type=int, default=256, help="images (default 256)")
     eval_flux.add_argument("--split", choices=["eval", "train"], default="eval", help="scenes (default eval)")
     eval_flux.add_argument("--seed", type=int, default=123, help="seed of the scenes and the noise (default 123)")
-    eval_flux.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
-    eval_flux.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
     eval_flux.add_argument("--no-progress", action="store_true", help="no progress bar")
     eval_flux.set_defaults(func=cmd_world_eval_flux)
     eval_learn = commands.add_parser("eval-learn", help="Learn Concept on held-out world images: CP with the learned "
                                                         "Δ against the bare word")
-    eval_learn.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    _add_world_sampling_arguments(eval_learn)
     eval_learn.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"],
                             choices=["surface", "pose", "lighting"], help="concept kinds (default all three)")
     eval_learn.add_argument("--concepts", type=int, default=8, help="concept images per kind (default 8)")
     eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
     eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
-    eval_learn.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
-    eval_learn.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
     eval_learn.set_defaults(func=cmd_world_eval_learn)
@@ -710,7 +712,7 @@ def _add_world_commands(sub) -> None:
     make_pairs.set_defaults(func=cmd_world_make_pairs)
     table = commands.add_parser("table", help="the paper's table on the world: methods x test sets, CP / PF / "
                                               "CP·PF / copy-paste with 95% bootstrap intervals")
-    table.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    _add_world_sampling_arguments(table)
     table.add_argument("--rows", nargs="+", required=True,
                        help="oracle, bare, description, adapter=FILE, global=FILE, learn, hybrid=FILE; a label after "
                             "a colon names a variant, e.g. adapter:no-moe=FILE")
@@ -721,8 +723,6 @@ def _add_world_commands(sub) -> None:
                        help="images per kind set for the learn and hybrid rows (a seeded subset; default 8)")
     table.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
     table.add_argument("--hybrid-steps", type=int, default=100, help="hybrid refinement steps (default 100)")
-    table.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
-    table.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
     table.add_argument("--seed", type=int, default=11, help="seed of the cases (default 11)")
     table.add_argument("--out", help="also write the JSON here")
     table.add_argument("--grid", metavar="PNG", help="a picture grid: per case, its concept images and every row's "

@@ -69,26 +69,27 @@ def short_workflow(name=TOY_WORLD_WORKFLOW, learn_steps=8, sample_steps=5) -> di
     return workflow
 
 
-def test_the_toy_world_workflow_learns_a_concept_and_composes_it(server):
-    prompt = ui_to_api(short_workflow(), server.object_info)
+def run_saving_two_images(server, name, first_prefix, second_prefix):
+    """Queue workflow ``name`` (shortened) and read the images its two SaveImage nodes wrote."""
+    prompt = ui_to_api(short_workflow(name), server.object_info)
     started = time.monotonic()
     entry = server.run(prompt)
     saves = {n["inputs"]["filename_prefix"]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
-    learned = read_png(server.image_files(entry, saves["mod_adapter/toy_world_learned"])[0])
-    bare = read_png(server.image_files(entry, saves["mod_adapter/toy_world_bare_word"])[0])
+    images = [read_png(server.image_files(entry, saves[prefix])[0]) for prefix in (first_prefix, second_prefix)]
+    print(f"{name} ran in {time.monotonic() - started:.1f} s")
+    return prompt, images
+
+
+def test_the_toy_world_workflow_learns_a_concept_and_composes_it(server):
+    _, (learned, bare) = run_saving_two_images(server, TOY_WORLD_WORKFLOW, "mod_adapter/toy_world_learned",
+                                               "mod_adapter/toy_world_bare_word")
     assert learned.shape == bare.shape == (64, 64, 3)
     assert np.abs(learned.astype(int) - bare.astype(int)).max() > 0  # the learned surface changed the image
-    print(f"{TOY_WORLD_WORKFLOW} ran in {time.monotonic() - started:.1f} s")
 
 
 def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(server):
-    prompt = ui_to_api(short_workflow(MULTI_CONCEPT_WORKFLOW), server.object_info)
+    prompt, (composed, bare) = run_saving_two_images(server, MULTI_CONCEPT_WORKFLOW, "mod_adapter/toy_world_concepts",
+                                                     "mod_adapter/toy_world_bare_words")
     assert [n["class_type"] for n in prompt.values()].count("ModAdapterPredictor") == 3
-    started = time.monotonic()
-    entry = server.run(prompt)
-    saves = {n["inputs"]["filename_prefix"]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
-    composed = read_png(server.image_files(entry, saves["mod_adapter/toy_world_concepts"])[0])
-    bare = read_png(server.image_files(entry, saves["mod_adapter/toy_world_bare_words"])[0])
     assert composed.shape == bare.shape == (64, 64, 3)
     assert np.abs(composed.astype(int) - bare.astype(int)).max() > 0  # the concepts changed the image
-    print(f"{MULTI_CONCEPT_WORKFLOW} ran in {time.monotonic() - started:.1f} s")
