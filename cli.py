@@ -377,25 +377,32 @@ def cmd_world_train_judge(args: argparse.Namespace) -> int:
     return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "judge")
 
 
+def _train_world_task(args: argparse.Namespace, loop, ctx, task, what: str) -> int:
+    """Run a toy-world model's task on the pack's loop (resuming when asked, once the run's settings match)."""
+    from .modules.training.loop import precheck_resume, run_training
+
+    resume = precheck_resume(args.resume, task.stage, loop, task.dataset_size, task.dataset_fingerprint,
+                             task.run_settings()) if args.resume else None
+    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), what)
+
+
 def cmd_world_train_vae(args: argparse.Namespace) -> int:
     import torch
 
-    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.training.loop import setup_distributed
     from .modules.world.vae import VaeTask, build_vae
 
     loop = _loop_config(args)
     ctx = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     task = VaeTask(build_vae(), seed=args.seed, dataset_size=args.dataset_size, device=ctx.device)
-    resume = precheck_resume(args.resume, task.stage, loop, args.dataset_size, task.dataset_fingerprint,
-                             task.run_settings()) if args.resume else None
-    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "VAE")
+    return _train_world_task(args, loop, ctx, task, "VAE")
 
 
 def cmd_world_train_clip(args: argparse.Namespace) -> int:
     import torch
 
-    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.training.loop import setup_distributed
     from .modules.world.clip import ClipTask, WorldClip, load_clip_tokenizer
 
     loop = _loop_config(args)
@@ -403,15 +410,13 @@ def cmd_world_train_clip(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     task = ClipTask(WorldClip(), load_clip_tokenizer(args.tokenizer), seed=args.seed, dataset_size=args.dataset_size,
                     device=ctx.device)
-    resume = precheck_resume(args.resume, task.stage, loop, args.dataset_size, task.dataset_fingerprint,
-                             task.run_settings()) if args.resume else None
-    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "CLIP")
+    return _train_world_task(args, loop, ctx, task, "CLIP")
 
 
 def cmd_world_train_flux(args: argparse.Namespace) -> int:
     import torch
 
-    from .modules.training.loop import precheck_resume, run_training, setup_distributed
+    from .modules.training.loop import setup_distributed
     from .modules.world.clip import load_clip_tokenizer, load_world_clip
     from .modules.world.judge import load_judge
     from .modules.world.transformer import (FluxWorldTask, FrozenConditioning, WorldFlux, cached_latents,
@@ -430,9 +435,7 @@ def cmd_world_train_flux(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     task = FluxWorldTask(WorldFlux(), conditioning, load_t5_tokenizer(args.t5_tokenizer), latents, seed=args.seed,
                          device=ctx.device, judge=judge)
-    resume = precheck_resume(args.resume, task.stage, loop, task.dataset_size, task.dataset_fingerprint,
-                             task.run_settings()) if args.resume else None
-    return _finish_training(run_training(task, loop, args.out, ctx, resume=resume), "FLUX transformer and T5")
+    return _train_world_task(args, loop, ctx, task, "FLUX transformer and T5")
 
 
 def cmd_world_eval_vae(args: argparse.Namespace) -> int:

@@ -69,9 +69,26 @@ def label_image(image: np.ndarray, text: str, width: int) -> np.ndarray:
     return np.concatenate([image, np.asarray(strip)], axis=0)
 
 
-def _pad_to(image: np.ndarray, height: int) -> np.ndarray:
-    pad = np.full((height - image.shape[0], image.shape[1], 3), 255, np.uint8)
-    return np.concatenate([image, pad], axis=0)
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in 0..1 -> (H, W, 3) uint8."""
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def labelled_row(cells: Sequence[np.ndarray], text: str) -> np.ndarray:
+    """Cells side by side (padded to one height, 6 px apart) above ``text``."""
+    height = max(cell.shape[0] for cell in cells)
+    padded = [np.concatenate([cell, np.full((height - cell.shape[0], cell.shape[1], 3), 255, np.uint8)])
+              for cell in cells]
+    body = np.concatenate([x for cell in padded for x in (cell, np.full((height, 6, 3), 255, np.uint8))], axis=1)
+    return label_image(body, text, body.shape[1])
+
+
+def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows one above the other (padded to one width, 10 px apart)."""
+    width = max(row.shape[1] for row in rows)
+    padded = [np.concatenate([row, np.full((row.shape[0], width - row.shape[1], 3), 255, np.uint8)], axis=1)
+              for row in rows]
+    return np.concatenate([x for row in padded for x in (row, np.full((10, width, 3), 255, np.uint8))])
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
@@ -95,7 +112,6 @@ def demo_grid(models, predictor, rows: Sequence[DemoRow] = DEMO_ROWS, *, steps: 
                      progress=(lambda i: progress(1)) if progress else None)
     composed = generate(models.pipe, prompts, seeds, steps=steps, cfg=cfg, concepts=concepts,
                         progress=(lambda i: progress(1)) if progress else None)
-    to_uint8 = lambda t: (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
     tile = 64 * scale
     max_concepts = max(len(row.concepts) for row in rows)
     lines = []
@@ -103,14 +119,7 @@ def demo_grid(models, predictor, rows: Sequence[DemoRow] = DEMO_ROWS, *, steps: 
         cells = [label_image(upscale(render(CONCEPT_IMAGES[name]), scale), f'"{word}": {name}', tile)
                  for word, name in row.concepts]
         cells += [np.full_like(cells[0], 255)] * (max_concepts - len(row.concepts))
-        cells.append(label_image(upscale(to_uint8(plain[index]), scale), "prompt only", tile))
-        cells.append(label_image(upscale(to_uint8(composed[index]), scale), "with the concepts", tile))
-        height = max(cell.shape[0] for cell in cells)
-        gap = np.full((height, 6, 3), 255, np.uint8)
-        body = np.concatenate([x for cell in cells for x in (_pad_to(cell, height), gap)], axis=1)
-        lines.append(label_image(body, row.prompt, body.shape[1]))
-    width = max(line.shape[1] for line in lines)
-    rows_padded = [np.concatenate([line, np.full((line.shape[0], width - line.shape[1], 3), 255, np.uint8)], axis=1)
-                   for line in lines]
-    gap = np.full((10, width, 3), 255, np.uint8)
-    return np.concatenate([x for line in rows_padded for x in (line, gap)], axis=0)
+        cells.append(label_image(upscale(image_to_uint8(plain[index]), scale), "prompt only", tile))
+        cells.append(label_image(upscale(image_to_uint8(composed[index]), scale), "with the concepts", tile))
+        lines.append(labelled_row(cells, row.prompt))
+    return stack_rows(lines)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..token_modulation import TokenConcept
-from .captions import GROUPS, STATED, WORD_ONLY, caption, full_caption
+from .captions import full_caption
+from .pairs import concept_caption
 from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene, render
 from .split import EVAL, random_scene
 from .transformer import MAX_SEQUENCE_LENGTH
@@ -54,12 +55,6 @@ def prompt_following(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: 
         if progress is not None:
             progress(len(chunk))
     return {name: count / len(scenes) for name, count in hits.items()}
-
-
-def word_only_caption(scene: Scene, kind: str) -> str:
-    """``scene``'s caption with the group ``kind`` named by its word only and every other group stated: the caption
-    a concept image is learned with, and the prompt that asks for the concept in another scene."""
-    return caption(scene, {group: (WORD_ONLY if group == kind else STATED) for group in GROUPS})
 
 
 def word_positions(pipe, prompt: str, word: str) -> List[int]:
@@ -128,7 +123,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7), seed=seed + c, flip_probability=0.0,
                              log_every=0)
         started = time.perf_counter()
-        report = learn_concept_files(flux_folder, [image_path], word_only_caption(concept_scene, kind), [kind],
+        report = learn_concept_files(flux_folder, [image_path], concept_caption(concept_scene, kind), [kind],
                                      os.path.join(work_dir, f"{kind}-{c:03d}.safetensors"), config=config,
                                      resolution=64, device="cpu", dtype="fp32", gradient_checkpointing=False,
                                      max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0, overwrite=True,
@@ -136,7 +131,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         scores.learn_seconds.append(time.perf_counter() - started)
         delta = load_concept(report.paths[0]).delta
         targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
-        prompts = [word_only_caption(t, kind) for t in targets]
+        prompts = [concept_caption(t, kind) for t in targets]
         seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
         concepts_per_prompt = [[TokenConcept(delta, word_positions(pipe, p, kind), 1.0, name=kind)] for p in prompts]
         with_delta = judge_reads(judge, generate(pipe, prompts, seeds, steps=sample_steps, cfg=cfg,

@@ -12,7 +12,8 @@ FluxPipeline (tested), and with them the ComfyUI path (tested).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import dataclasses
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -32,6 +33,23 @@ def sigmas(steps: int) -> torch.Tensor:
 def initial_noise(seed: int, resolution: int = 64) -> torch.Tensor:
     size = resolution // 8
     return torch.randn(1, LATENT_CHANNELS, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, σ per row) -> v
+
+
+@torch.no_grad()
+def euler_cfg(latents: torch.Tensor, steps: int, cfg: float, cond: Velocity, uncond: Velocity,
+              progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Euler steps on :func:`sigmas` with classifier-free guidance: v = v_uncond + cfg · (v_cond − v_uncond)."""
+    schedule = sigmas(steps)
+    for i in range(steps):
+        sigma = torch.full((latents.shape[0],), float(schedule[i]), device=latents.device)
+        v_cond, v_uncond = cond(latents, sigma), uncond(latents, sigma)
+        latents = latents + (float(schedule[i + 1]) - float(schedule[i])) * (v_uncond + cfg * (v_cond - v_uncond)).float()
+        if progress is not None:
+            progress(i + 1)
+    return latents
 
 
 @torch.no_grad()
@@ -60,28 +78,25 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
     empty_embeds, empty_pooled = encode_prompts(pipe, [""], max_sequence_length)
     latents = torch.cat([initial_noise(seed, resolution) for seed in seeds])
     count = latents.shape[0]
-    rows: List[TokenConcept] = []
-    for row, row_concepts in enumerate(concepts):
-        rows += [TokenConcept(c.delta, c.positions, c.strength, c.sigma_start, c.sigma_end, batch_rows=[row],
-                              name=c.name) for c in row_concepts]
+    rows: List[TokenConcept] = [dataclasses.replace(c, batch_rows=[row])
+                                for row, row_concepts in enumerate(concepts) for c in row_concepts]
     own_host = host is None and bool(rows)
     if own_host:
         host = DiffusersFluxConcepts(pipe.transformer)
+
+    def cond(x, sigma):
+        if host is not None:
+            host.set_concepts(rows)
+        return flux_velocity(pipe.transformer, x, sigma, embeds, pooled, None)
+
+    def uncond(x, sigma):
+        if host is not None:
+            host.set_concepts([])
+        return flux_velocity(pipe.transformer, x, sigma, empty_embeds.expand(count, -1, -1),
+                             empty_pooled.expand(count, -1), None)
+
     try:
-        schedule = sigmas(steps)
-        for i in range(steps):
-            sigma = torch.full((count,), float(schedule[i]))
-            if host is not None:
-                host.set_concepts(rows)
-            cond = flux_velocity(pipe.transformer, latents, sigma, embeds, pooled, None)
-            if host is not None:
-                host.set_concepts([])
-            uncond = flux_velocity(pipe.transformer, latents, sigma, empty_embeds.expand(count, -1, -1),
-                                   empty_pooled.expand(count, -1), None)
-            velocity = uncond + cfg * (cond - uncond)
-            latents = latents + (float(schedule[i + 1]) - float(schedule[i])) * velocity.float()
-            if progress is not None:
-                progress(i + 1)
+        latents = euler_cfg(latents, steps, cfg, cond, uncond, progress)
     finally:
         if own_host:
             host.remove()

@@ -188,7 +188,7 @@ def summarise(result: MethodResult, *, seed: int = 0) -> Dict[str, object]:
 def picture_grid(results: Sequence[MethodResult], count: int, scale: int = 2) -> np.ndarray:
     """(H, W, 3) uint8: per case (row), its concept images, then each method's output for the same seed (columns),
     with the prompt and the method names written in."""
-    from .demo import label_image, upscale
+    from .demo import image_to_uint8, label_image, labelled_row, stack_rows, upscale
     from .scene import render
 
     rows = []
@@ -196,18 +196,10 @@ def picture_grid(results: Sequence[MethodResult], count: int, scale: int = 2) ->
         case = results[0].cases[index]
         cells = [label_image(upscale(render(concept), scale), f'"{word}"', 64 * scale)
                  for concept, word in zip(case.concepts, case.words)]
-        for result in results:
-            image = (result.images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            cells.append(label_image(upscale(image, scale), result.name, 64 * scale))
-        height = max(cell.shape[0] for cell in cells)
-        padded = [np.concatenate([cell, np.full((height - cell.shape[0], cell.shape[1], 3), 255, np.uint8)])
-                  for cell in cells]
-        body = np.concatenate([x for cell in padded for x in (cell, np.full((height, 6, 3), 255, np.uint8))], axis=1)
-        rows.append(label_image(body, case.prompt, body.shape[1]))
-    width = max(row.shape[1] for row in rows)
-    rows = [np.concatenate([row, np.full((row.shape[0], width - row.shape[1], 3), 255, np.uint8)], axis=1)
-            for row in rows]
-    return np.concatenate([x for row in rows for x in (row, np.full((10, width, 3), 255, np.uint8))])
+        cells += [label_image(upscale(image_to_uint8(result.images[index]), scale), result.name, 64 * scale)
+                  for result in results]
+        rows.append(labelled_row(cells, case.prompt))
+    return stack_rows(rows)
 
 
 def all_text_positions(length: int) -> List[int]:

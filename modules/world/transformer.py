@@ -31,6 +31,7 @@ from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from ..training.loop import DistributedContext, TrainingTask, sample_generator
 from .captions import caption, full_caption, random_modes
 from .clip import tokenize as clip_tokenize
+from .sampling import euler_cfg
 from .scene import Scene
 from .split import EVAL, TRAIN, random_scene, scenes as draw_scenes
 from .vae import pixels_of
@@ -132,20 +133,17 @@ class FrozenConditioning:
 @torch.no_grad()
 def sample_latents(flux: WorldFlux, conditioning: FrozenConditioning, t5_tokenizer, captions: Sequence[str],
                    seed: int, steps: int = 20, cfg: float = 4.0) -> torch.Tensor:
-    """Euler sampling on FLUX's linear σ schedule (1 → 0) with classifier-free guidance against the empty caption."""
+    """Euler sampling on FLUX's linear σ schedule (1 → 0) with classifier-free guidance against the empty caption,
+    as :mod:`.sampling` samples the exported world (one noise draw for the batch, from ``seed``)."""
     device = conditioning.device
     count = len(captions)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(count, 16, LATENT_SIZE, LATENT_SIZE, generator=generator).to(device)
     ids = t5_tokenize(t5_tokenizer, list(captions) + [""]).to(device)
     pooled = conditioning.pooled(list(captions) + [""])
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    for i in range(steps):
-        sigma = torch.full((count,), float(sigmas[i]), device=device)
-        cond = flux.velocity(x, sigma, ids[:count], pooled[:count])
-        uncond = flux.velocity(x, sigma, ids[count:].expand(count, -1), pooled[count:].expand(count, -1))
-        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * (uncond + cfg * (cond - uncond))
-    return x
+    return euler_cfg(x, steps, cfg, lambda z, sigma: flux.velocity(z, sigma, ids[:count], pooled[:count]),
+                     lambda z, sigma: flux.velocity(z, sigma, ids[count:].expand(count, -1),
+                                                    pooled[count:].expand(count, -1)))
 
 
 class FluxWorldTask(TrainingTask):
