@@ -513,10 +513,11 @@ def cmd_world_table(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .modules.world import methods
-    from .modules.world.table import MULTI, SINGLE, evaluate, make_cases, picture_grid, summarise
+    from .modules.world.table import (MULTI, SINGLE, MethodResult, cp_pf_difference, evaluate, make_cases,
+                                      picture_grid, summarise)
 
     paths, pipe, judge = _world_pipeline(args.world)
-    grid_results = []
+    grid_results, bare_results = [], {}
     models = methods.WorldModels.load(paths, pipe)
     kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
     rows = []
@@ -547,6 +548,14 @@ def cmd_world_table(args: argparse.Namespace) -> int:
             if args.grid and set_name == args.grid_set:
                 grid_results.append(result)
             rows.append({"set": set_name, **summarise(result, seed=args.seed)})
+            if name == "bare":
+                bare_results[set_name] = {case.seed: score for case, score in zip(result.cases, result.scores)}
+            elif all(case.seed in bare_results.get(set_name, {}) for case in result.cases):
+                # the bare word on the same cases (the learn rows' cases are the first of each kind set's)
+                floor = MethodResult("bare", [bare_results[set_name][case.seed] for case in result.cases],
+                                     list(result.cases))
+                difference, interval = cp_pf_difference(result, floor, seed=args.seed)
+                rows[-1].update(cp_pf_minus_bare=difference, cp_pf_minus_bare_95=interval)
             print(json.dumps(rows[-1]), file=sys.stderr)
     output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "learn_steps": args.learn_steps, "hybrid_steps": args.hybrid_steps,

@@ -46,30 +46,64 @@ def test_summary_gives_cp_pf_as_the_product_of_means_with_intervals():
     assert row["cp_95"][0] < 0.5 < row["cp_95"][1] and row["copy_paste"] == 0.5
 
 
-def test_every_row_runs_on_an_untrained_world(tmp_path):
+def test_the_paired_difference_of_cp_pf_cancels_shared_noise_and_needs_the_same_cases():
+    from mod_adapter.modules.world.table import CaseScore, MethodResult, cp_pf_difference
+
+    cases = make_cases([("pose",)], 20, seed=0)
+    # b is a everywhere but 0.1 lower in CP: the cases' own spread is large, the difference is not
+    a = MethodResult("a", scores=[CaseScore(0.2 + 0.8 * (i % 2), 1.0, None) for i in range(20)], cases=cases)
+    b = MethodResult("b", scores=[CaseScore(s.cp - 0.1, 1.0, None) for s in a.scores], cases=cases)
+    difference, (low, high) = cp_pf_difference(a, b)
+    assert difference == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    assert summarise(a)["cp_pf_95"][1] - summarise(a)["cp_pf_95"][0] > 0.2  # unpaired intervals would overlap
+    with pytest.raises(ValueError):
+        cp_pf_difference(a, MethodResult("c", scores=a.scores, cases=make_cases([("pose",)], 20, seed=1)))
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """An untrained world and a world-preset adapter with random (non-zero) experts: (world folder, adapter file)."""
     import torch
 
+    from mod_adapter.modules.adapter import ModAdapter
     from mod_adapter.modules.checkpoint import save_adapter_checkpoint
     from mod_adapter.modules.config import ModAdapterConfig
-    from mod_adapter.modules.adapter import ModAdapter
+
+    from world_builders import random_world
+
+    folder = tmp_path_factory.mktemp("untrained")
+    world = random_world(str(folder))
+    torch.manual_seed(0)
+    adapter = ModAdapter(ModAdapterConfig.preset("world"))
+    with torch.no_grad():
+        for expert in adapter.experts:
+            expert.fc2.weight.normal_(0, 0.5)
+    checkpoint = str(folder / "adapter.safetensors")
+    save_adapter_checkpoint(checkpoint, adapter, base_model="toy-world", image_encoder=WORLD_ENCODER)
+    return world, checkpoint
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_every_row_runs_on_an_untrained_world(untrained):
+    import torch
+
     from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
     from mod_adapter.modules.world import methods
     from mod_adapter.modules.world.folder import check_world
     from mod_adapter.modules.world.judge import load_judge
     from mod_adapter.modules.world.table import evaluate
 
-    from world_builders import random_world
-
-    paths = check_world(random_world(str(tmp_path)))
+    world, checkpoint = untrained
+    paths = check_world(world)
     pipe = load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32)
     models = methods.WorldModels.load(paths, pipe)
-    torch.manual_seed(0)
-    adapter = ModAdapter(ModAdapterConfig.preset("world"))
-    with torch.no_grad():
-        for expert in adapter.experts:
-            expert.fc2.weight.normal_(0, 0.5)
-    checkpoint = str(tmp_path / "adapter.safetensors")
-    save_adapter_checkpoint(checkpoint, adapter, base_model="toy-world", image_encoder=WORLD_ENCODER)
     cases = make_cases([("object", "pose")], 1, seed=0)
     judge = load_judge(paths["judge"])
     rows = {
@@ -93,32 +127,42 @@ def test_every_row_runs_on_an_untrained_world(tmp_path):
     assert len(everywhere[0].positions) == 48 > len(local[0].positions)
 
 
-def test_the_demo_writes_a_labelled_grid(tmp_path):
-    import subprocess
-    import sys
+def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_word(untrained, tmp_path):
+    import json
 
-    import torch
     from PIL import Image
 
-    from mod_adapter.modules.adapter import ModAdapter
-    from mod_adapter.modules.checkpoint import save_adapter_checkpoint
-    from mod_adapter.modules.config import ModAdapterConfig
+    world, checkpoint = untrained
+    out, grid = tmp_path / "table.json", tmp_path / "grid.png"
+    run = _cli("world", "table", "--world", world, "--rows", "bare", f"adapter:full={checkpoint}", "learn",
+               "--sets", "single", "--count", "2", "--learn-count", "1", "--learn-steps", "2", "--steps", "2",
+               "--out", str(out), "--grid", str(grid), "--grid-set", "single", "--grid-rows", "1", "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bare", "adapter:full", "learn"}
+    assert rows["bare"]["images"] == 10 and rows["learn"]["images"] == 5
+    assert "cp_pf_minus_bare" not in rows["bare"]
+    for name in ("adapter:full", "learn"):  # the learn row is compared on the bare word's first cases
+        low, high = rows[name]["cp_pf_minus_bare_95"]
+        assert low <= rows[name]["cp_pf_minus_bare"] <= high
+    with Image.open(grid) as picture:
+        assert picture.width >= 128 * 4  # the concept image and three rows' outputs
+    unknown = _cli("world", "table", "--world", world, "--rows", "magic", "--no-progress")
+    assert unknown.returncode != 0 and "unknown row" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):
+    from PIL import Image
+
     from mod_adapter.modules.world.demo import DEMO_ROWS
 
-    from world_builders import random_world
-
-    world = random_world(str(tmp_path))
-    save_adapter_checkpoint(str(tmp_path / "adapter.safetensors"), ModAdapter(ModAdapterConfig.preset("world")),
-                            base_model="toy-world", image_encoder=WORLD_ENCODER)
+    world, checkpoint = untrained
     out = tmp_path / "demo.png"
-    run = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--adapter",
-                          str(tmp_path / "adapter.safetensors"), "--out", str(out), "--steps", "2", "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    run = _cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2", "--no-progress")
     assert run.returncode == 0, run.stderr
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
-    missing = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--world", world, "--out",
-                              str(tmp_path / "x.png")], capture_output=True, text=True, timeout=600)
+    missing = _cli("demo", "--world", world, "--out", str(tmp_path / "x.png"))
     assert missing.returncode != 0 and "adapter" in missing.stderr and "Traceback" not in missing.stderr
 
 
