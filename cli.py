@@ -466,17 +466,19 @@ def cmd_world_eval_flux(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .modules.world.evaluation import prompt_following
+    from .modules.world.evaluation import attribute_hits, generated_reads, held_out_pair_accuracy
     from .modules.world.split import scenes
 
     _, pipe, judge = _world_pipeline(args.world)
-    held_out = list(scenes(args.seed, args.count, args.split))
+    drawn = list(scenes(args.seed, args.count, args.split))
     started = time.perf_counter()
-    with tqdm(total=len(held_out), desc="generating", unit="image", disable=args.no_progress) as bar:
-        accuracy = prompt_following(pipe, judge, held_out, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                                    progress=bar.update)
+    with tqdm(total=len(drawn), desc="generating", unit="image", disable=args.no_progress) as bar:
+        reads = generated_reads(pipe, judge, drawn, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                                progress=bar.update)
     print(json.dumps({"count": args.count, "split": args.split, "seed": args.seed, "steps": args.steps, "cfg": args.cfg,
-                      "seconds": round(time.perf_counter() - started, 1), "prompt_following": accuracy}, indent=1))
+                      "seconds": round(time.perf_counter() - started, 1),
+                      "prompt_following": attribute_hits(drawn, reads),
+                      "by_held_out_pair": held_out_pair_accuracy(drawn, reads)}, indent=1))
     return 0
 
 

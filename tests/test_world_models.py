@@ -14,7 +14,7 @@ from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.world.captions import GROUPS, STATED, WORD_ONLY, caption, consistent
 from mod_adapter.modules.world.clip import ClipTask, WorldClip, load_clip_tokenizer, load_world_clip, save_world_clip
 from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
-from mod_adapter.modules.world.scene import Scene
+from mod_adapter.modules.world.scene import ATTRIBUTES, Scene
 from mod_adapter.modules.world.transformer import (
     MAX_SEQUENCE_LENGTH,
     load_t5_tokenizer,
@@ -137,9 +137,29 @@ def test_the_exported_world_is_a_diffusers_flux_folder_the_pack_loads(tmp_path):
     register_open_clip_architecture()
     encoder = OpenClipImageEncoder.load("ModAdapter-World-ViT-8", paths["image_encoder"])
     assert encoder.encode(torch.rand(1, 64, 64, 3)).shape == (1, 65, 128)
+    evaluated = _cli("world", "eval-flux", "--world", world, "--count", "6", "--steps", "2", "--no-progress")
+    report = json.loads(evaluated.stdout)
+    assert set(report["prompt_following"]) == {"shape", "colour", "pattern", "position", "size", "direction", "tint",
+                                               "background"}
+    assert sum(pair["scenes"] for pair in report["by_held_out_pair"].values()) >= 6  # every scene is held out
     with pytest.raises(ModAdapterError, match="incomplete"):
         os.remove(paths["clip_vision_config"])
         check_world(world)
+
+
+def test_held_out_pairs_are_scored_on_the_scenes_that_contain_them():
+    from mod_adapter.modules.world.evaluation import attribute_hits, held_out_pair_accuracy
+    from mod_adapter.modules.world.split import EVAL, scenes
+
+    drawn = list(scenes(0, 40, EVAL))
+    truth = [{name: getattr(s, name) for name in ATTRIBUTES} for s in drawn]
+    mirrored = [dict(t, position="right") if t["position"] == "left" else t for t in truth]
+    assert attribute_hits(drawn, truth) == {name: 1.0 for name in ATTRIBUTES}
+    pairs = held_out_pair_accuracy(drawn, mirrored)
+    assert pairs["position=left, direction=right"]["position"] == 0.0
+    assert pairs["position=left, direction=right"]["direction"] == 1.0
+    assert all(pair["shape"] == 1.0 for key, pair in pairs.items() if key.startswith("shape"))
+    assert sum(pair["scenes"] for pair in pairs.values()) >= len(drawn)
 
 
 def test_a_training_pair_shares_only_its_concept_and_its_manifest_validates(tmp_path):

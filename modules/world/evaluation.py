@@ -39,22 +39,51 @@ def judge_reads(judge, images: torch.Tensor) -> List[Dict[str, str]]:
     return judge.read(images.float())
 
 
-def prompt_following(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: int, cfg: float,
-                     batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
-    """Per attribute: the share of images (scene i from seed + i) in which the judge reads the stated value."""
+def generated_reads(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: int, cfg: float,
+                    batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> List[Dict[str, str]]:
+    """What the judge reads in the image of each scene's full caption (scene i from noise seed + i)."""
     from .sampling import generate
 
-    hits = {name: 0 for name in ATTRIBUTES}
+    reads = []
     for start in range(0, len(scenes), batch_size):
         chunk = list(scenes[start:start + batch_size])
         images = generate(pipe, [full_caption(s) for s in chunk], [seed + start + i for i in range(len(chunk))],
                           steps=steps, cfg=cfg)
-        for scene, read in zip(chunk, judge_reads(judge, images)):
-            for name in ATTRIBUTES:
-                hits[name] += read[name] == getattr(scene, name)
+        reads.extend(judge_reads(judge, images))
         if progress is not None:
             progress(len(chunk))
-    return {name: count / len(scenes) for name, count in hits.items()}
+    return reads
+
+
+def attribute_hits(scenes: Sequence[Scene], reads: Sequence[Dict[str, str]]) -> Dict[str, float]:
+    """Per attribute: the share of scenes whose value the judge read."""
+    return {name: float(np.mean([read[name] == getattr(scene, name) for scene, read in zip(scenes, reads)]))
+            for name in ATTRIBUTES}
+
+
+def prompt_following(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: int, cfg: float,
+                     batch_size: int = 32, progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+    """Per attribute: the share of images (scene i from seed + i) in which the judge reads the stated value."""
+    reads = generated_reads(pipe, judge, scenes, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size,
+                            progress=progress)
+    return attribute_hits(scenes, reads)
+
+
+def held_out_pair_accuracy(scenes: Sequence[Scene], reads: Sequence[Dict[str, str]]) -> Dict[str, Dict[str, object]]:
+    """Per held-out pair of values (e.g. "position=left, direction=right"): how many scenes contain it and how
+    often the judge read each of its two values there; "no held-out pair" covers the other scenes' attributes."""
+    from .split import HELD_OUT_PAIRS
+
+    out = {}
+    for first, second, pairs in HELD_OUT_PAIRS:
+        for a, b in sorted(pairs):
+            idx = [i for i, s in enumerate(scenes) if (getattr(s, first), getattr(s, second)) == (a, b)]
+            if idx:
+                out[f"{first}={a}, {second}={b}"] = {
+                    "scenes": len(idx),
+                    **{name: float(np.mean([reads[i][name] == getattr(scenes[i], name) for i in idx]))
+                       for name in (first, second)}}
+    return out
 
 
 def word_positions(pipe, prompt: str, word: str) -> List[int]:
