@@ -1,5 +1,5 @@
-"""The toy world inside ComfyUI: the loader node builds ComfyUI's own MODEL/CLIP/VAE/CLIP_VISION, and the
-ComfyUI path and the diffusers path give the same image for the same seed and prompt, with and without a
+"""The shipped toy world inside ComfyUI: the loader node builds ComfyUI's own MODEL/CLIP/VAE/CLIP_VISION, and
+the ComfyUI path and the diffusers path give the same image for the same seed and prompt, with and without a
 concept's modulation."""
 
 import os
@@ -7,18 +7,16 @@ import os
 import pytest
 import torch
 
-from world_builders import random_world
-
 PROMPT = "a ball whose surface is blue dots in a pose, small on the left under warm light from the left on a brick background"
 
 
 @pytest.fixture(scope="module")
-def world(comfyui, tmp_path_factory):
-    folder = random_world(str(tmp_path_factory.mktemp("world")))
+def world(comfyui):
+    from mod_adapter.modules.world.folder import WORLD_FOLDER
     from mod_adapter.nodes.toy_world import load_toy_world
 
-    model, clip, vae, clip_vision = load_toy_world(folder)
-    return dict(folder=folder, model=model, clip=clip, vae=vae, clip_vision=clip_vision)
+    model, clip, vae, clip_vision = load_toy_world(WORLD_FOLDER)
+    return dict(folder=WORLD_FOLDER, model=model, clip=clip, vae=vae, clip_vision=clip_vision)
 
 
 def encode(clip, text):
@@ -91,8 +89,10 @@ def test_the_packs_world_sampler_equals_flux_pipeline_without_concepts(world):
 
     pipe = diffusers_pipeline(world)
     ours = generate(pipe, [PROMPT, "a cone"], [7, 3], steps=5, cfg=4.0).permute(0, 2, 3, 1)
-    torch.testing.assert_close(ours[:1], diffusers_image(pipe, PROMPT, seed=7), atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours[1:], diffusers_image(pipe, "a cone", seed=3), atol=1e-5, rtol=0)
+    # a batch of two against two single runs: float32 sums in another order, far below a pixel step (1/255)
+    torch.testing.assert_close(ours[:1], diffusers_image(pipe, PROMPT, seed=7), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[1:], diffusers_image(pipe, "a cone", seed=3), atol=1e-4, rtol=0)
+    assert (ours[:1] - ours[1:]).abs().max() > 1e-2
 
 
 def test_a_concept_modulates_both_hosts_alike(world):

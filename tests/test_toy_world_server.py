@@ -1,14 +1,12 @@
 """The toy world's example workflow in a real ComfyUI server (COMFYUI_PATH), queued as the frontend queues it.
 
-The pack is copied into custom_nodes/ as a user installs it; its world/ holds an untrained world of the shipped
-architecture and layout (written by the pack's own export), so the test checks the workflow's plumbing, not the
-trained weights. The workflow runs as saved, except for fewer steps (Learn Concept and the samplers).
+The pack is copied into custom_nodes/ as a user installs it, with its shipped world. The workflow runs as saved,
+except for fewer steps (Learn Concept and the samplers).
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 
 import numpy as np
@@ -24,15 +22,9 @@ MULTI_CONCEPT_WORKFLOW = "toy_world_multi_concept.json"
 
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
-    from world_builders import random_world
-
     base = tmp_path_factory.mktemp("comfy_base")
     pack = base / "custom_nodes" / "ComfyUI-Mod-Adapter"
     copy_pack(pack)
-    world = random_world(str(tmp_path_factory.mktemp("world")))
-    for part in ("flux", "image_encoder"):
-        shutil.rmtree(pack / "world" / part, ignore_errors=True)
-        shutil.copytree(f"{world}/{part}", pack / "world" / part)
     untrained_world_adapter(pack / "world" / "adapter" / "toy_world_adapter.safetensors")
     (base / "input").mkdir()
     with running_comfyui(base) as instance:
