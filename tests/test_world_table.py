@@ -151,6 +151,24 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
     assert unknown.returncode != 0 and "unknown row" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
+def test_eval_learn_scores_the_learned_delta_against_the_bare_word(untrained, tmp_path):
+    import json
+
+    world, _ = untrained
+    run = _cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "2",
+               "--learn-steps", "2", "--learn-lr", "0.01", "--steps", "2", "--work-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["learn_lr"] == 0.01 and report["learn_steps"] == 2
+    (row,) = report["rows"]
+    assert row["kind"] == "surface" and row["images"] == 2
+    assert 0.0 <= row["cp"] <= 1.0 and 0.0 <= row["cp_bare_word"] <= 1.0 and row["learn_seconds_per_concept"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "surface" / "surface-000.safetensors"), "pt") as learned:
+        assert json.loads(learned.metadata()["source"])["lr"] == 0.01  # the learning rate reached the learner
+
+
 def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):
     from PIL import Image
 

@@ -132,7 +132,7 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
 
 def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
                      steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
-                     log=print) -> ConceptScores:
+                     lr: Optional[float] = None, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
     from ..concept_file import load_concept
     from ..learn_concept import LearnConfig
@@ -149,7 +149,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         concept_scene = random_scene(rng, EVAL)
         image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
         Image.fromarray(render(concept_scene)).save(image_path)
-        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7), seed=seed + c, flip_probability=0.0,
+        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7), lr=lr or LearnConfig.lr, seed=seed + c,
+                             flip_probability=0.0,
                              log_every=0)
         started = time.perf_counter()
         report = learn_concept_files(flux_folder, [image_path], concept_caption(concept_scene, kind), [kind],
