@@ -71,7 +71,7 @@ def prompt_following(pipe, judge, scenes: Sequence[Scene], *, seed: int, steps: 
 
 def held_out_pair_accuracy(scenes: Sequence[Scene], reads: Sequence[Dict[str, str]]) -> Dict[str, Dict[str, object]]:
     """Per held-out pair of values (e.g. "position=left, direction=right"): how many scenes contain it and how
-    often the judge read each of its two values there; "no held-out pair" covers the other scenes' attributes."""
+    often the judge read each of its two values there (pairs no scene contains are left out)."""
     from .split import HELD_OUT_PAIRS
 
     out = {}
@@ -149,9 +149,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         concept_scene = random_scene(rng, EVAL)
         image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
         Image.fromarray(render(concept_scene)).save(image_path)
-        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7), lr=lr or LearnConfig.lr, seed=seed + c,
-                             flip_probability=0.0,
-                             log_every=0)
+        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7),
+                             lr=LearnConfig.lr if lr is None else lr, seed=seed + c, flip_probability=0.0, log_every=0)
         started = time.perf_counter()
         report = learn_concept_files(flux_folder, [image_path], concept_caption(concept_scene, kind), [kind],
                                      os.path.join(work_dir, f"{kind}-{c:03d}.safetensors"), config=config,
