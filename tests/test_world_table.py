@@ -46,6 +46,17 @@ def test_summary_gives_cp_pf_as_the_product_of_means_with_intervals():
     assert row["cp_95"][0] < 0.5 < row["cp_95"][1] and row["copy_paste"] == 0.5
 
 
+def test_the_summary_splits_cp_and_pf_by_kind_set():
+    from mod_adapter.modules.world.table import CaseScore, MethodResult, make_cases
+
+    cases = make_cases([("object",), ("surface", "pose")], 2, seed=0)
+    scores = [CaseScore(1.0, 0.5, None), CaseScore(0.5, 0.5, None), CaseScore(0.0, 1.0, None),
+              CaseScore(0.0, 0.5, None)]
+    kinds = summarise(MethodResult("x", scores=scores, cases=cases))["by_kinds"]
+    assert kinds == {"object": {"images": 2, "cp": 0.75, "pf": 0.5, "cp_pf": 0.375},
+                     "surface+pose": {"images": 2, "cp": 0.0, "pf": 0.75, "cp_pf": 0.0}}
+
+
 def test_the_paired_difference_of_cp_pf_cancels_shared_noise_and_needs_the_same_cases():
     from mod_adapter.modules.world.table import CaseScore, MethodResult, cp_pf_difference
 

@@ -182,7 +182,20 @@ def summarise(result: MethodResult, *, seed: int = 0) -> Dict[str, object]:
         "copy_paste_95": bootstrap_interval(copies, seed=seed) if copies else None,
         "seconds": round(result.seconds, 1), "method_seconds": round(result.method_seconds, 1),
         "seconds_per_image": round(result.seconds / max(1, len(result.scores)), 3),
+        "by_kinds": by_kinds(result),
     }
+
+
+def by_kinds(result: MethodResult) -> Dict[str, Dict[str, float]]:
+    """CP, PF and CP·PF per kind set ("object", "surface+pose", ...): which concepts a method carries."""
+    groups: Dict[str, List[CaseScore]] = {}
+    for case, score in zip(result.cases, result.scores):
+        groups.setdefault("+".join(case.kinds), []).append(score)
+    summary = {}
+    for kinds, scores in groups.items():
+        cp, pf = float(np.mean([s.cp for s in scores])), float(np.mean([s.pf for s in scores]))
+        summary[kinds] = {"images": len(scores), "cp": cp, "pf": pf, "cp_pf": cp * pf}
+    return summary
 
 
 def cp_pf_difference(a: MethodResult, b: MethodResult, *, seed: int = 0,
