@@ -1,0 +1,62 @@
+"""The shipped Mod-Adapter on the shipped toy world (world/adapter/): a regression guard on a small fixed held-out
+set, not the benchmark (docs/results.md has the table, from `mod-adapter world table`)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mod_adapter.modules.world.folder import WORLD_ADAPTER_FILE, WORLD_ADAPTER_FOLDER, WORLD_FOLDER, check_world
+
+ADAPTER = os.path.join(WORLD_ADAPTER_FOLDER, WORLD_ADAPTER_FILE)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
+    from mod_adapter.modules.world import methods
+    from mod_adapter.modules.world.judge import load_judge
+
+    paths = check_world(WORLD_FOLDER)
+    pipe = load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32)
+    return methods.WorldModels.load(paths, pipe), load_judge(paths["judge"])
+
+
+def test_the_shipped_adapter_weighs_at_most_10_mb_and_names_its_world():
+    from mod_adapter.modules.checkpoint import read_adapter_info
+
+    assert os.path.getsize(ADAPTER) <= 10 * 1000 * 1000
+    info = read_adapter_info(ADAPTER)
+    assert info["base_model"] == "toy-world", info
+
+
+def test_the_adapter_beats_the_bare_word_and_global_injection_beyond_the_sets_noise(shipped):
+    from mod_adapter.modules.world import methods
+    from mod_adapter.modules.world.table import MULTI, SINGLE, cp_pf_difference, evaluate, make_cases
+
+    models, judge = shipped
+    # 40 held-out cases: 4 per single-concept kind and per two-concept set, fresh concept images and seeds
+    cases = make_cases(list(SINGLE) + list(MULTI[2]), 4, seed=3)
+    run = {name: evaluate(name, method, cases, models.pipe, judge, steps=20, cfg=4.0) for name, method in (
+        ("adapter", methods.adapter_method(models, ADAPTER)), ("bare", methods.bare_word(models)),
+        ("global", methods.adapter_method(models, ADAPTER, everywhere=True)))}
+    for floor in ("bare", "global"):
+        difference, (low, high) = cp_pf_difference(run["adapter"], run[floor])
+        # the paired 95% interval of the difference lies above zero: the margin exceeds the set's noise
+        assert low > 0, (floor, difference, low, high)
+
+
+def test_the_demo_writes_its_grid_with_the_shipped_world_and_adapter(tmp_path):
+    from PIL import Image
+
+    from mod_adapter.modules.world.demo import DEMO_ROWS
+
+    out = tmp_path / "demo.png"
+    run = subprocess.run([sys.executable, "-m", "mod_adapter.cli", "demo", "--out", str(out)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out}" in run.stderr
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
