@@ -128,7 +128,8 @@ def test_object_info_lists_the_pack_beside_comfyui_core_nodes(server):
         assert node["display_name"].startswith("Mod-Adapter") and node["description"], node_id
 
     loader = info["ModAdapterLoader"]
-    assert loader["input"]["required"]["adapter_name"][1]["options"] == [ADAPTER]  # models/mod_adapter is listed
+    # models/mod_adapter is listed, and the toy world's adapter that ships with the pack
+    assert loader["input"]["required"]["adapter_name"][1]["options"] == [ADAPTER, "toy_world_adapter.safetensors"]
     assert loader["output"] == ["MOD_ADAPTER"]
     encoder = info["ModAdapterConceptEncoder"]
     required = encoder["input"]["required"]
