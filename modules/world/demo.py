@@ -16,7 +16,8 @@ import torch
 from ..token_modulation import TokenConcept
 from .scene import Scene, render
 
-# The shipped concept images: scenes of held-out combinations, named by what they show. The shipped adapter
+# The shipped concept images, named by what they show; the cone (a pose on the left under light from the right) and
+# the cup (stripes on grass) are held-out combinations, the others are fresh renders. The shipped adapter
 # carries objects, surfaces and poses; it does not carry lighting or backgrounds (docs/results.md), so the demo
 # composes the first three.
 CONCEPT_IMAGES = {
