@@ -483,19 +483,21 @@ def cmd_world_eval_flux(args: argparse.Namespace) -> int:
 
 
 def cmd_world_eval_learn(args: argparse.Namespace) -> int:
+    from .modules.learn_concept import LearnConfig
     from .modules.world.evaluation import concept_learning
 
     paths, pipe, judge = _world_pipeline(args.world)
+    learn_lr = LearnConfig.lr if args.learn_lr is None else args.learn_lr
     rows = []
     for kind in args.kinds:
         scores = concept_learning(paths["flux"], pipe, judge, kind, concepts=args.concepts,
-                                  prompts_per_concept=args.prompts, steps=args.learn_steps, lr=args.learn_lr,
+                                  prompts_per_concept=args.prompts, steps=args.learn_steps, lr=learn_lr,
                                   seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
         rows.append(scores.summary())
     print(json.dumps({"concepts_per_kind": args.concepts, "prompts_per_concept": args.prompts,
-                      "learn_steps": args.learn_steps, "learn_lr": args.learn_lr, "sample_steps": args.steps,
+                      "learn_steps": args.learn_steps, "learn_lr": learn_lr, "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
     return 0
 
@@ -714,7 +716,8 @@ def _add_world_commands(sub) -> None:
     eval_learn.add_argument("--concepts", type=int, default=8, help="concept images per kind (default 8)")
     eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
     eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
-    eval_learn.add_argument("--learn-lr", type=float, default=1e-3, help="Learn Concept learning rate (default 1e-3)")
+    eval_learn.add_argument("--learn-lr", type=float,
+                            help="Learn Concept learning rate (default: Learn Concept's own, 1e-3)")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
     eval_learn.set_defaults(func=cmd_world_eval_learn)
