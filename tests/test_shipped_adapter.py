@@ -60,3 +60,16 @@ def test_the_demo_writes_its_grid_with_the_shipped_world_and_adapter(tmp_path):
     assert f"wrote {out}" in run.stderr
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
+
+
+def test_the_router_script_shows_the_shipped_adapters_k_means_experts():
+    # docs/results.md (Ablations) quotes this script: k-means puts 7 of the world's 10 words in one expert
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "world_router_experts.py")
+    run = subprocess.run([sys.executable, script, ADAPTER], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "router: kmeans, 4 expert(s)"
+    experts = dict(line.strip().split(": expert ") for line in lines[1:])
+    assert len(experts) == 10
+    assert max(list(experts.values()).count(e) for e in set(experts.values())) == 7
