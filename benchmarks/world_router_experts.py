@@ -14,12 +14,12 @@ import argparse
 
 import torch
 
+from mod_adapter.modules.checkpoint import load_adapter_checkpoint
 from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
+from mod_adapter.modules.world.captions import GROUPS
 from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
-from mod_adapter.modules.world.methods import AdapterPredictor, WorldModels
+from mod_adapter.modules.world.methods import WorldModels
 from mod_adapter.modules.world.scene import SHAPES
-
-ABSTRACT_WORDS = ("surface", "pose", "lighting", "background")
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
 
     paths = check_world(args.world)
     models = WorldModels.load(paths, load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32))
-    adapter = AdapterPredictor(models, args.adapter).adapter
-    words = [*SHAPES, *ABSTRACT_WORDS]
+    adapter = load_adapter_checkpoint(args.adapter, dtype=torch.float32).adapter.eval()
+    words = [*SHAPES, *GROUPS]  # an object is named by its shape, an abstract concept by its group's word
     with torch.no_grad():
         neutral = torch.cat([models.text_feature(word)[None] for word in words])
         experts = adapter.route(neutral).tolist()
