@@ -484,20 +484,22 @@ def cmd_world_eval_flux(args: argparse.Namespace) -> int:
 
 def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     from .modules.learn_concept import LearnConfig
-    from .modules.world.evaluation import concept_learning
+    from .modules.world.evaluation import WORLD_LEARN_LR, concept_learning
 
     paths, pipe, judge = _world_pipeline(args.world)
-    learn_lr = LearnConfig.lr if args.learn_lr is None else args.learn_lr
+    learn_lr = WORLD_LEARN_LR if args.learn_lr is None else args.learn_lr
+    learn_batch_size = LearnConfig.batch_size if args.learn_batch_size is None else args.learn_batch_size
     rows = []
     for kind in args.kinds:
         scores = concept_learning(paths["flux"], pipe, judge, kind, concepts=args.concepts,
                                   prompts_per_concept=args.prompts, steps=args.learn_steps, lr=learn_lr,
-                                  seed=args.seed,
+                                  batch_size=learn_batch_size, seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
         rows.append(scores.summary())
     print(json.dumps({"concepts_per_kind": args.concepts, "prompts_per_concept": args.prompts,
-                      "learn_steps": args.learn_steps, "learn_lr": learn_lr, "sample_steps": args.steps,
+                      "learn_steps": args.learn_steps, "learn_lr": learn_lr,
+                      "learn_batch_size": learn_batch_size, "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
     return 0
 
@@ -518,10 +520,12 @@ def cmd_world_table(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .modules.world import methods
+    from .modules.world.evaluation import WORLD_LEARN_LR
     from .modules.world.table import (MULTI, SINGLE, MethodResult, cp_pf_difference, evaluate, make_cases,
                                       picture_grid, summarise)
 
     paths, pipe, judge = _world_pipeline(args.world)
+    learn_lr = WORLD_LEARN_LR if args.learn_lr is None else args.learn_lr
     grid_results, bare_results = [], {}
     models = methods.WorldModels.load(paths, pipe)
     kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
@@ -536,9 +540,10 @@ def cmd_world_table(args: argparse.Namespace) -> int:
             "description": lambda: methods.description_only(models),
             "adapter": lambda: methods.adapter_method(models, checkpoint),
             "global": lambda: methods.adapter_method(models, checkpoint, everywhere=True),
-            "learn": lambda: methods.learn_concept_method(models, steps=args.learn_steps, seed=args.seed),
+            "learn": lambda: methods.learn_concept_method(models, steps=args.learn_steps, lr=learn_lr,
+                                                          seed=args.seed),
             "hybrid": lambda: methods.learn_concept_method(models, steps=args.hybrid_steps, init_checkpoint=checkpoint,
-                                                           seed=args.seed),
+                                                           lr=learn_lr, seed=args.seed),
         }.get(name.split(":")[0])
         if method is None:
             raise ModAdapterError(f"unknown row {name!r}; rows are oracle, bare, description, adapter=FILE, "
@@ -564,7 +569,7 @@ def cmd_world_table(args: argparse.Namespace) -> int:
             print(json.dumps(rows[-1]), file=sys.stderr)
     output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "learn_steps": args.learn_steps, "hybrid_steps": args.hybrid_steps,
-              "rows": rows}
+              "learn_lr": learn_lr, "rows": rows}
     if args.grid and grid_results:
         from PIL import Image
 
@@ -717,7 +722,11 @@ def _add_world_commands(sub) -> None:
     eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
     eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
     eval_learn.add_argument("--learn-lr", type=float,
-                            help="Learn Concept learning rate (default: Learn Concept's own, 1e-3)")
+                            help="Learn Concept learning rate (default: the world's, WORLD_LEARN_LR in "
+                                 "modules/world/evaluation.py)")
+    eval_learn.add_argument("--learn-batch-size", type=int,
+                            help="noise draws of the concept image per Learn Concept step (default: Learn Concept's "
+                                 "own, 1)")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
     eval_learn.set_defaults(func=cmd_world_eval_learn)
@@ -742,6 +751,9 @@ def _add_world_commands(sub) -> None:
                        help="images per kind set for the learn and hybrid rows (a seeded subset; default 8)")
     table.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
     table.add_argument("--hybrid-steps", type=int, default=100, help="hybrid refinement steps (default 100)")
+    table.add_argument("--learn-lr", type=float,
+                       help="learning rate of the learn and hybrid rows (default: the world's, WORLD_LEARN_LR in "
+                            "modules/world/evaluation.py)")
     table.add_argument("--seed", type=int, default=11, help="seed of the cases (default 11)")
     table.add_argument("--out", help="also write the JSON here")
     table.add_argument("--grid", metavar="PNG", help="a picture grid: per case, its concept images and every row's "

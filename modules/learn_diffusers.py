@@ -298,6 +298,7 @@ def learn_concept_files(
         "caption": caption,
         "words": words,
         "lr": config.lr,
+        "batch_size": config.batch_size,
         "seed": config.seed,
         "resolution": resolution,
         "flux": os.path.basename(os.path.normpath(flux)),

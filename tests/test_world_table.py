@@ -2,6 +2,7 @@
 
 import pytest
 
+from mod_adapter.modules.world.evaluation import WORLD_LEARN_LR
 from mod_adapter.modules.world.scene import ATTRIBUTES
 from mod_adapter.modules.world.split import EVAL, split_of
 from mod_adapter.modules.world.table import MULTI, SINGLE, make_cases, score_case, summarise
@@ -149,7 +150,9 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
                "--sets", "single", "--count", "2", "--learn-count", "1", "--learn-steps", "2", "--steps", "2",
                "--out", str(out), "--grid", str(grid), "--grid-set", "single", "--grid-rows", "1", "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert report["learn_lr"] == WORLD_LEARN_LR  # the world's rate, not Learn Concept's FLUX.1 default
+    rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"bare", "adapter:full", "learn"}
     assert rows["bare"]["images"] == 10 and rows["learn"]["images"] == 5
     assert "cp_pf_minus_bare" not in rows["bare"]
@@ -167,17 +170,19 @@ def test_eval_learn_scores_the_learned_delta_against_the_bare_word(untrained, tm
 
     world, _ = untrained
     run = _cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "2",
-               "--learn-steps", "2", "--learn-lr", "0.01", "--steps", "2", "--work-dir", str(tmp_path))
+               "--learn-steps", "2", "--learn-lr", "0.02", "--learn-batch-size", "2", "--steps", "2",
+               "--work-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert report["learn_lr"] == 0.01 and report["learn_steps"] == 2
+    assert report["learn_lr"] == 0.02 and report["learn_steps"] == 2 and report["learn_batch_size"] == 2
     (row,) = report["rows"]
     assert row["kind"] == "surface" and row["images"] == 2
     assert 0.0 <= row["cp"] <= 1.0 and 0.0 <= row["cp_bare_word"] <= 1.0 and row["learn_seconds_per_concept"] > 0
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "surface" / "surface-000.safetensors"), "pt") as learned:
-        assert json.loads(learned.metadata()["source"])["lr"] == 0.01  # the learning rate reached the learner
+        source = json.loads(learned.metadata()["source"])
+    assert source["lr"] == 0.02 and source["batch_size"] == 2  # the settings reached the learner
 
 
 def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):

@@ -33,6 +33,10 @@ from .split import EVAL, random_scene
 from .transformer import MAX_SEQUENCE_LENGTH
 
 ABSTRACT_KINDS = ("surface", "pose", "lighting")
+# Learn Concept's learning rate on the world. The pack's default (1e-3, set for FLUX.1) is too small here: Adam
+# moves each coordinate of Δ by about lr per step, and on this model's 128-wide modulation the Δ that carries a
+# concept lies farther than 1,400 such steps reach (a sweep over 3e-4 ... 3e-2 is in docs/results.md).
+WORLD_LEARN_LR = 1e-2
 
 
 def judge_reads(judge, images: torch.Tensor) -> List[Dict[str, str]]:
@@ -132,7 +136,7 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
 
 def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
                      steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
-                     lr: Optional[float] = None, log=print) -> ConceptScores:
+                     lr: float = WORLD_LEARN_LR, batch_size: int = 1, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
     from ..concept_file import load_concept
     from ..learn_concept import LearnConfig
@@ -150,7 +154,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
         Image.fromarray(render(concept_scene)).save(image_path)
         config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7),
-                             lr=LearnConfig.lr if lr is None else lr, seed=seed + c, flip_probability=0.0, log_every=0)
+                             lr=lr, batch_size=batch_size, seed=seed + c,
+                             flip_probability=0.0, log_every=0)
         started = time.perf_counter()
         report = learn_concept_files(flux_folder, [image_path], concept_caption(concept_scene, kind), [kind],
                                      os.path.join(work_dir, f"{kind}-{c:03d}.safetensors"), config=config,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..token_modulation import TokenConcept
-from .evaluation import word_positions
+from .evaluation import WORLD_LEARN_LR, word_positions
 from .pairs import concept_caption
 from .scene import Scene, render
 from .table import Case, all_text_positions, description
@@ -115,8 +115,8 @@ def adapter_method(models: WorldModels, checkpoint: str, *, everywhere: bool = F
 class ConceptLearner:
     """Learn Concept (TokenVerse mode) on one concept image, in process, with the pack's learning loop."""
 
-    def __init__(self, models: WorldModels, *, steps: int, seed: int = 0):
-        self.models, self.steps, self.seed = models, steps, seed
+    def __init__(self, models: WorldModels, *, steps: int, lr: float = WORLD_LEARN_LR, seed: int = 0):
+        self.models, self.steps, self.lr, self.seed = models, steps, lr, seed
         self.cache: Dict[Tuple[Scene, str, int], torch.Tensor] = {}
 
     def learn(self, concept: Scene, kind: str, word: str, init: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,8 +134,8 @@ class ConceptLearner:
             latents = vae_encode(pipe.vae, pixels)
             # TokenVerse's split (800 of 1400 steps in stage 1); no flips: a mirrored world image contradicts
             # its caption (the object's side, the light's side)
-            config = LearnConfig(steps=self.steps, stage1_steps=max(1, self.steps * 4 // 7), seed=self.seed,
-                                 flip_probability=0.0, log_every=0)
+            config = LearnConfig(steps=self.steps, stage1_steps=max(1, self.steps * 4 // 7), lr=self.lr,
+                                 seed=self.seed, flip_probability=0.0, log_every=0)
             with torch.enable_grad(), DiffusersDenoiser(pipe.transformer, prompt_embeds, pooled) as denoiser:
                 result = learn_concepts(denoiser, latents, positions, config, words=[word],
                                         init=None if init is None else [init])
@@ -143,9 +143,11 @@ class ConceptLearner:
         return self.cache[key]
 
 
-def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Optional[str] = None, seed: int = 0):
-    """TokenVerse per concept image (``steps`` each), optionally started from an adapter's prediction (hybrid)."""
-    learner = ConceptLearner(models, steps=steps, seed=seed)
+def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Optional[str] = None,
+                         lr: float = WORLD_LEARN_LR, seed: int = 0):
+    """TokenVerse per concept image (``steps`` each at ``lr``), optionally started from an adapter's prediction
+    (hybrid)."""
+    learner = ConceptLearner(models, steps=steps, lr=lr, seed=seed)
     predictor = AdapterPredictor(models, init_checkpoint) if init_checkpoint else None
 
     def method(case: Case):
