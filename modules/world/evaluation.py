@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..learn_concept import LearnConfig
 from ..token_modulation import TokenConcept
 from .captions import full_caption
 from .pairs import concept_caption
@@ -136,10 +137,10 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
 
 def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
                      steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
-                     lr: float = WORLD_LEARN_LR, batch_size: int = 1, log=print) -> ConceptScores:
+                     lr: float = WORLD_LEARN_LR, batch_size: int = LearnConfig.batch_size,
+                     log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
     from ..concept_file import load_concept
-    from ..learn_concept import LearnConfig
     from ..learn_diffusers import learn_concept_files
     from .sampling import generate
     from PIL import Image
