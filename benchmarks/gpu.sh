@@ -22,8 +22,9 @@
 #
 # Environment: PYTHON (default: python, else python3), GPU_SH_TINY=1, GPU_SH_BUDGET_S (seconds for
 # all parts; default 420 full, 150 tiny), GPU_SH_PARTS (comma-separated part names to run, default
-# all), COMFYUI_PATH (adds mod-comfy), MOD_ADAPTER_TEST_DATA (tokenizer files for training; default
-# ../shared/data or ./shared/data). Exit status: 0 when every part that ran passed, 1 otherwise.
+# all), COMFYUI_PATH (adds mod-comfy: a ComfyUI checkout, the user's own or a tree from the cache
+# that .ci/run reads). The training parts use the FLUX.1 tokenizer files shipped in world/flux.
+# Exit status: 0 when every part that ran passed, 1 otherwise.
 
 set -u -o pipefail
 
@@ -94,16 +95,6 @@ script_start=$(now)
             echo "- mod_adapter: NOT importable (the parts will fail): $(timeout 120 "$PYTHON" -c 'import mod_adapter.modules' 2>&1 | tail -1)"
         fi
     fi
-    if [ -z "${MOD_ADAPTER_TEST_DATA:-}" ]; then
-        for candidate in "$REPO/../shared/data" "$REPO/shared/data"; do
-            if [ -f "$candidate/t5_tokenizer/tokenizer.json" ]; then
-                MOD_ADAPTER_TEST_DATA="$(cd "$candidate" && pwd)"
-                export MOD_ADAPTER_TEST_DATA
-                break
-            fi
-        done
-    fi
-    echo "- tokenizer files (training parts): ${MOD_ADAPTER_TEST_DATA:-NOT FOUND: set MOD_ADAPTER_TEST_DATA or put them in ./shared/data}"
     echo "- COMFYUI_PATH: ${COMFYUI_PATH:-unset (the comfy host is not run)}"
 } >>"$WORK/setup.md"
 

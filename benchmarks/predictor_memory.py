@@ -1,7 +1,7 @@
 """Memory of one Predictor run inside ComfyUI: the adapter loaded by the pack's Loader, one prediction,
 then what stays resident, and what is left after ComfyUI unloads its models.
 
-    COMFYUI_PATH=../shared/comfyui/0.33.0 python benchmarks/predictor_memory.py --preset paper --dtype bfloat16
+    COMFYUI_PATH=~/.cache/mod-adapter/comfyui/0.33.0 python benchmarks/predictor_memory.py --preset paper --dtype bfloat16
 
 Random weights (speed and memory do not depend on their values). The checkpoint is written to a
 temporary folder first (for `paper` in bf16, 3.3 GB), then a fresh process imports ComfyUI on the

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -78,11 +77,11 @@ WORDS = ["dog", "cat", "glass", "marble", "sunset", "teapot", "pose", "lighting"
          "robot", "vase", "forest", "jacket"]
 
 
-def tokenizer_dir() -> Path:
-    configured = os.environ.get("MOD_ADAPTER_TEST_DATA")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+def tokenizer_file(name: str) -> str:
+    """FLUX.1's real tokenizer files, shipped with the pack in world/flux ("clip_tokenizer" or "t5_tokenizer")."""
+    from mod_adapter.modules.world.folder import world_paths
+
+    return world_paths()[name]
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +170,6 @@ def make_pipeline(sizes, device, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    data = tokenizer_dir()
     transformer = build_on(device, dtype, lambda: FluxTransformer2DModel(**sizes["flux"]))
     clip, clip_tokenizer = make_clip(sizes, device, dtype)
     t5 = build_on(device, dtype, lambda: T5EncoderModel(T5Config(**sizes["t5"], feed_forward_proj="gated-gelu",
@@ -183,7 +181,7 @@ def make_pipeline(sizes, device, dtype):
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **vae_cfg))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
-                        tokenizer_2=T5TokenizerFast(tokenizer_file=str(data / "t5_tokenizer" / "tokenizer.json")),
+                        tokenizer_2=T5TokenizerFast(tokenizer_file=tokenizer_file("t5_tokenizer")),
                         transformer=transformer)
 
 
@@ -194,7 +192,7 @@ def make_clip(sizes, device, dtype):
                                                                           bos_token_id=49406, pad_token_id=49407)))
     embeddings = clip.text_model.embeddings if hasattr(clip, "text_model") else clip.embeddings
     embeddings.position_ids = torch.arange(77, device=device)[None]  # to_empty left it undefined
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir() / "clip_l_tokenizer"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_file("clip_tokenizer"), model_max_length=77)
     return clip.eval(), tokenizer
 
 

@@ -7,8 +7,6 @@ image has), which such a direction can express. The learning rate is far above
 the real default (1e-3) because the random model needs large directions.
 """
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -375,21 +373,12 @@ def test_output_paths(tmp_path):
 # ------------------------------------------------------------ the CLI, end to end
 
 
-def _data_dir() -> Path:
-    configured = os.environ.get("MOD_ADAPTER_TEST_DATA")
-    return Path(configured) if configured else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tmp_path_factory):
     """A complete FLUX.1 diffusers folder at toy size, with FLUX's real tokenizers."""
-    data = _data_dir()
-    t5_file, clip_dir = data / "t5_tokenizer" / "tokenizer.json", data / "clip_l_tokenizer"
-    if not t5_file.is_file() or not (clip_dir / "vocab.json").is_file():
-        pytest.skip(f"real tokenizer files not found under {data} (set MOD_ADAPTER_TEST_DATA to the folder holding "
-                    f"t5_tokenizer/ and clip_l_tokenizer/)")
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    from flux_tokenizers import load_clip_l_tokenizer, load_t5_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -401,8 +390,8 @@ def tiny_pipeline_dir(tmp_path_factory):
     t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4))
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
-        tokenizer=CLIPTokenizer.from_pretrained(str(clip_dir), model_max_length=77), text_encoder_2=t5,
-        tokenizer_2=T5TokenizerFast(tokenizer_file=str(t5_file)), transformer=tiny_diffusers_flux(),
+        tokenizer=load_clip_l_tokenizer(), text_encoder_2=t5, tokenizer_2=load_t5_tokenizer(),
+        transformer=tiny_diffusers_flux(),
     )
     folder = tmp_path_factory.mktemp("tiny_flux_pipeline")
     pipe.save_pretrained(folder)

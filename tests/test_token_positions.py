@@ -8,9 +8,7 @@ printed, when the files or transformers are absent).
 
 from __future__ import annotations
 
-import os
 import string
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -491,26 +489,13 @@ def test_clip_byte_level_piece_text():
 # --------------------------------------------------------------------------
 
 
-def _data_dir() -> Path:
-    configured = os.environ.get("MOD_ADAPTER_TEST_DATA")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def hf_tokenizers():
-    data = _data_dir()
-    t5_file = data / "t5_tokenizer" / "tokenizer.json"
-    clip_dir = data / "clip_l_tokenizer"
-    if not t5_file.is_file() or not (clip_dir / "vocab.json").is_file():
-        pytest.skip(
-            f"real tokenizer files not found under {data} (set MOD_ADAPTER_TEST_DATA to the folder "
-            "holding t5_tokenizer/ and clip_l_tokenizer/)"
-        )
+    from flux_tokenizers import CLIP_L_TOKENIZER, T5_TOKENIZER_FILE
+
     transformers = pytest.importorskip("transformers", reason="transformers is needed to load the real tokenizers")
-    t5 = transformers.T5TokenizerFast(tokenizer_file=str(t5_file))
-    clip = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
+    t5 = transformers.T5TokenizerFast(tokenizer_file=T5_TOKENIZER_FILE)
+    clip = transformers.CLIPTokenizer.from_pretrained(CLIP_L_TOKENIZER)
     return t5, clip
 
 

@@ -49,11 +49,6 @@ from mod_adapter.modules.training.state import (  # noqa: E402
     save_state_files,
 )
 
-if not tt.tokenizers_available():
-    pytest.skip(f"the FLUX tokenizer files are not under {tt.data_dir()} (set MOD_ADAPTER_TEST_DATA)",
-                allow_module_level=True)
-
-
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 

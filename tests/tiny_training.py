@@ -1,7 +1,7 @@
 """Tiny random models and a tiny dataset for the training tests (CPU, seconds).
 
 * a FLUX.1 diffusers folder (``model_index.json``, transformer, VAE, CLIP-L and
-  T5 text encoders, the real FLUX tokenizers from shared/data, scheduler), all
+  T5 text encoders, the real FLUX tokenizers the pack ships in world/flux, scheduler), all
   weights random and tiny, loaded by the same code as a real FLUX folder;
 * a tiny open_clip ViT (registered config + safetensors weights);
 * a manifest of a few generated images (solid colours, gradients, stripes)
@@ -30,18 +30,6 @@ TINY_ADAPTER_CONFIG = {
 WORDS = ["dog", "cat", "glass", "marble", "sunset", "teapot"]
 
 
-def data_dir() -> Path:
-    configured = os.environ.get("MOD_ADAPTER_TEST_DATA")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def tokenizers_available() -> bool:
-    d = data_dir()
-    return (d / "t5_tokenizer" / "tokenizer.json").is_file() and (d / "clip_l_tokenizer" / "vocab.json").is_file()
-
-
 def make_flux_folder(folder: Path, seed: int = 0, weight_std: float = 0.1) -> Path:
     """A complete tiny FLUX.1 diffusers folder.
 
@@ -50,9 +38,9 @@ def make_flux_folder(folder: Path, seed: int = 0, weight_std: float = 0.1) -> Pa
     prediction enough for a few dozen training steps to show.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    from flux_tokenizers import load_clip_l_tokenizer, load_t5_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    data = data_dir()
     transformer = tiny_diffusers_flux(seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -72,9 +60,9 @@ def make_flux_folder(folder: Path, seed: int = 0, weight_std: float = 0.1) -> Pa
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip,
-                        tokenizer=CLIPTokenizer.from_pretrained(str(data / "clip_l_tokenizer"), model_max_length=77),
+                        tokenizer=load_clip_l_tokenizer(),
                         text_encoder_2=t5,
-                        tokenizer_2=T5TokenizerFast(tokenizer_file=str(data / "t5_tokenizer" / "tokenizer.json")),
+                        tokenizer_2=load_t5_tokenizer(),
                         transformer=transformer)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -51,6 +51,9 @@ def world_paths(folder: str = WORLD_FOLDER) -> Dict[str, str]:
         "image_encoder_config": os.path.join(folder, IMAGE_ENCODER_FOLDER, OPEN_CLIP_NAME + ".json"),
         "clip_vision_config": os.path.join(folder, IMAGE_ENCODER_FOLDER, CLIP_VISION_CONFIG_FILE),
         "judge": os.path.join(folder, JUDGE_FILE),
+        # FLUX.1's own tokenizer files, as published (CLIP-L's BPE folder, T5 v1.1's tokenizer.json)
+        "clip_tokenizer": os.path.join(folder, FLUX_FOLDER, "tokenizer"),
+        "t5_tokenizer": os.path.join(folder, FLUX_FOLDER, "tokenizer_2", "tokenizer.json"),
     }
 
 
