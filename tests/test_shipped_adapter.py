@@ -73,3 +73,20 @@ def test_the_router_script_shows_the_shipped_adapters_k_means_experts():
     experts = dict(line.strip().split(": expert ") for line in lines[1:])
     assert len(experts) == 10
     assert max(list(experts.values()).count(e) for e in set(experts.values())) == 7
+
+
+def test_the_why_lighting_script_shows_the_three_group_words_nearly_equal_at_the_adapters_input():
+    # docs/results.md ("Why lighting and background") quotes this script: the world's CLIP puts "pose",
+    # "lighting" and "background" within 5-8% of each other at the adapter's word input
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "world_why_lighting.py")
+    run = subprocess.run([sys.executable, script, "delta", "--images", "4", "--probe-images", "24"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    nearest = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip().strip('"') for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("pose", "lighting", "background") and cells[1] in ("pose", "lighting"):
+            nearest[cells[0]] = (cells[1], float(cells[2]))
+    assert set(nearest) == {"pose", "lighting", "background"}, run.stdout[-3000:]
+    assert all(distance <= 0.10 for _, distance in nearest.values()), nearest

@@ -33,7 +33,7 @@ from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene, render
 from .split import EVAL, random_scene
 from .transformer import MAX_SEQUENCE_LENGTH
 
-ABSTRACT_KINDS = ("surface", "pose", "lighting")
+ABSTRACT_KINDS = ("surface", "pose", "lighting", "background")  # new kinds go last: the index seeds the draws
 # Learn Concept's learning rate on the world. The pack's default (1e-3, set for FLUX.1) is too small here: Adam
 # moves each coordinate of Δ by about lr per step, and on this model's 128-wide modulation the Δ that carries a
 # concept lies farther than 1,400 such steps reach (a sweep over 3e-4 ... 3e-2 is in docs/results.md).
