@@ -305,7 +305,7 @@ def test_c10_object_patches_apply_on_load_and_keep_weight_keys_resolvable(flux):
         "C10", "unpatching did not restore the original module")
 
 
-def test_c11_the_training_switch_exists_where_kitchen_kernels_do():
+def test_c11_the_training_switch_exists_where_kitchen_kernels_do(comfyui):
     import comfy.ldm.flux.math as flux_math
     import comfy.model_management as mm
 
