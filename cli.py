@@ -716,8 +716,8 @@ def _add_world_commands(sub) -> None:
     eval_learn = commands.add_parser("eval-learn", help="Learn Concept on held-out world images: CP with the learned "
                                                         "Δ against the bare word")
     _add_world_sampling_arguments(eval_learn)
-    eval_learn.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"], choices=["surface", "pose", "lighting", "background"],
-                            help="concept kinds (default surface, pose and lighting)")
+    eval_learn.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"],
+                            choices=["surface", "pose", "lighting", "background"], help="concept kinds (default surface, pose and lighting)")
     eval_learn.add_argument("--concepts", type=int, default=8, help="concept images per kind (default 8)")
     eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
     eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")

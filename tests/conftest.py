@@ -63,6 +63,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.comfyui)
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def fail_the_skip(report, message: str) -> None:
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"{message}: {reason}"
+
+
 def skip_is_allowed_in_ci(is_comfyui_tier: bool) -> bool:
     """In CI (CI=true) nothing may be skipped, except the ComfyUI tier where no COMFYUI_PATH is set: CI's run
     of README's test command in a bare clone has none, and its only skips must be that tier's."""
@@ -73,17 +83,13 @@ def skip_is_allowed_in_ci(is_comfyui_tier: bool) -> bool:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if not report.skipped or os.environ.get("CI", "").lower() not in ("1", "true"):
+    if not report.skipped or not in_ci():
         return
     is_comfyui_tier = item.get_closest_marker("comfyui") is not None
     if skip_is_allowed_in_ci(is_comfyui_tier):
         return
-    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
-    report.outcome = "failed"
-    if is_comfyui_tier:
-        report.longrepr = f"CI runs every ComfyUI test when COMFYUI_PATH is set, but this one was skipped: {reason}"
-    else:
-        report.longrepr = f"CI runs every test outside the ComfyUI tier, but this one was skipped: {reason}"
+    fail_the_skip(report, "CI runs every ComfyUI test when COMFYUI_PATH is set, but this one was skipped"
+                  if is_comfyui_tier else "CI runs every test outside the ComfyUI tier, but this one was skipped")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -91,7 +97,5 @@ def pytest_make_collect_report(collector):
     """The same rule for a whole module skipped at import (a missing test dependency): never silent in CI."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and os.environ.get("CI", "").lower() in ("1", "true"):
-        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"CI runs every test module, but {collector.nodeid} was skipped whole: {reason}"
+    if report.skipped and in_ci():
+        fail_the_skip(report, f"CI runs every test module, but {collector.nodeid} was skipped whole")

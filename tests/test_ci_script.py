@@ -14,13 +14,17 @@ def tracked_files():
     return [name for name in listed.stdout.split("\0") if name]
 
 
+def run_ci(trees: Path) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "VIRTUAL_ENV")}
+    environment["COMFYUI_TREES"] = str(trees)
+    return subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=environment,
+                          timeout=60, stdin=subprocess.DEVNULL)
+
+
 def test_ci_stops_at_once_naming_the_snapshot_of_each_missing_comfyui_tree(tmp_path):
     trees = tmp_path / "trees"
     (trees / "0.3.64" / "comfy").mkdir(parents=True)  # a tree without model_patcher.py is no tree
-    environment = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "VIRTUAL_ENV")}
-    environment["COMFYUI_TREES"] = str(trees)
-    result = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=environment,
-                            timeout=60, stdin=subprocess.DEVNULL)
+    result = run_ci(trees)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == "", "nothing is installed before the trees are checked"
     message = result.stderr
@@ -36,10 +40,7 @@ def test_a_tree_of_another_version_is_not_taken_for_the_one_ci_needs(tmp_path):
         (trees / version / "comfy").mkdir(parents=True)
         (trees / version / "comfy" / "model_patcher.py").write_text("")
         (trees / version / "comfyui_version.py").write_text(f'__version__ = "{written}"\n')
-    environment = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
-    environment["COMFYUI_TREES"] = str(trees)
-    result = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=environment,
-                            timeout=60, stdin=subprocess.DEVNULL)
+    result = run_ci(trees)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "ComfyUI 0.3.64:" in result.stderr and "ComfyUI 0.33.0:" not in result.stderr, result.stderr
 

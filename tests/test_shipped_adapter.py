@@ -11,6 +11,7 @@ import torch
 from mod_adapter.modules.world.folder import WORLD_ADAPTER_FILE, WORLD_ADAPTER_FOLDER, WORLD_FOLDER, check_world
 
 ADAPTER = os.path.join(WORLD_ADAPTER_FOLDER, WORLD_ADAPTER_FILE)
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +65,7 @@ def test_the_demo_writes_its_grid_with_the_shipped_world_and_adapter(tmp_path):
 
 def test_the_router_script_shows_the_shipped_adapters_k_means_experts():
     # docs/results.md (Ablations) quotes this script: k-means puts 7 of the world's 10 words in one expert
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "world_router_experts.py")
-    run = subprocess.run([sys.executable, script, ADAPTER], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "world_router_experts.py"), ADAPTER], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert lines[0] == "router: kmeans, 4 expert(s)"
@@ -78,9 +77,7 @@ def test_the_router_script_shows_the_shipped_adapters_k_means_experts():
 def test_the_why_lighting_script_shows_the_three_group_words_nearly_equal_at_the_adapters_input():
     # docs/results.md ("Why lighting and background") quotes this script: the world's CLIP puts "pose",
     # "lighting" and "background" within 5-8% of each other at the adapter's word input
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "world_why_lighting.py")
-    run = subprocess.run([sys.executable, script, "delta", "--images", "4", "--probe-images", "24"],
+    run = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "world_why_lighting.py"), "delta", "--images", "4", "--probe-images", "24"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     nearest = {}
