@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from . import __version__
 from .modules.errors import ModAdapterError
+from .modules.world.paths import WORLD_FOLDER
 
 EXIT_USER_ERROR = 2
 
@@ -454,7 +455,7 @@ def _world_pipeline(world: str):
     import torch
 
     from .modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
-    from .modules.world.folder import check_world
+    from .modules.world.paths import check_world
     from .modules.world.judge import load_judge
 
     paths = check_world(world)
@@ -592,12 +593,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .modules.world.demo import DEMO_ROWS, demo_grid
 
     started = time.perf_counter()
-    from .modules.world.folder import WORLD_ADAPTER_FILE
+    from .modules.world.paths import WORLD_ADAPTER_FILE
 
     adapter = args.adapter or os.path.join(args.world, "adapter", WORLD_ADAPTER_FILE)
     if not os.path.isfile(adapter):
         raise ModAdapterError(f"no adapter at {adapter}: the demo needs the world's trained adapter (shipped in "
                               f"world/adapter/{WORLD_ADAPTER_FILE}; reinstall the pack, or give --adapter)")
+    # a newcomer's first run shows the demo's own bar and its result, not the libraries' loading bars
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     paths, pipe, _ = _world_pipeline(args.world)
     models = methods.WorldModels.load(paths, pipe)
     predictor = methods.AdapterPredictor(models, adapter)
@@ -609,7 +616,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_world_export(args: argparse.Namespace) -> int:
-    from .modules.world.folder import export_world
+    from .modules.world.export import export_world
 
     paths = export_world(args.flux_run, args.clip, args.out, use_ema=args.ema)
     print(f"wrote the world's FLUX.1 folder {paths['flux']} and image encoder {paths['image_encoder']}",
@@ -648,12 +655,11 @@ def cmd_world_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORLD_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
-_WORLD_TOKENIZER = os.path.join(_WORLD_FOLDER, "flux", "tokenizer")
+_WORLD_TOKENIZER = os.path.join(WORLD_FOLDER, "flux", "tokenizer")
 
 
 def _add_world_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    p.add_argument("--world", default=WORLD_FOLDER, help="world folder (default: the shipped one)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (default 4)")
 
@@ -680,12 +686,12 @@ def _add_world_commands(sub) -> None:
                                                    "matching (VAE and CLIP frozen)")
     flux.add_argument("--vae", required=True, help="the trained world VAE (vae.safetensors of train-vae)")
     flux.add_argument("--clip", required=True, help="the trained world CLIP (clip.safetensors of train-clip)")
-    flux.add_argument("--judge", default=os.path.join(_WORLD_FOLDER, "judge.safetensors"),
+    flux.add_argument("--judge", default=os.path.join(WORLD_FOLDER, "judge.safetensors"),
                       help="judge for the validation accuracy (default: the shipped one; '' for none)")
     flux.add_argument("--dataset-size", type=int, default=60_000,
                       help="distinct training scenes, VAE-encoded once (default 60000)")
     flux.add_argument("--clip-tokenizer", default=_WORLD_TOKENIZER, help="CLIP-L tokenizer folder")
-    flux.add_argument("--t5-tokenizer", default=os.path.join(_WORLD_FOLDER, "flux", "tokenizer_2"),
+    flux.add_argument("--t5-tokenizer", default=os.path.join(WORLD_FOLDER, "flux", "tokenizer_2"),
                       help="T5 tokenizer folder")
     flux.add_argument("--validate-every", type=int, default=0,
                       help="every K steps: generate held-out scenes, write a grid and the judge's accuracy")
@@ -693,7 +699,7 @@ def _add_world_commands(sub) -> None:
     flux.set_defaults(func=cmd_world_train_flux)
     eval_vae = commands.add_parser("eval-vae", help="per-attribute judge accuracy on a world VAE's reconstructions")
     eval_vae.add_argument("vae", help="vae.safetensors (of train-vae or train-flux)")
-    eval_vae.add_argument("--judge", default=os.path.join(_WORLD_FOLDER, "judge.safetensors"), help="the judge")
+    eval_vae.add_argument("--judge", default=os.path.join(WORLD_FOLDER, "judge.safetensors"), help="the judge")
     eval_vae.add_argument("--count", type=int, default=1000, help="renders (default 1000)")
     eval_vae.add_argument("--split", choices=["eval", "train"], default="eval", help="scenes (default eval)")
     eval_vae.add_argument("--seed", type=int, default=123, help="seed of the scenes (default 123)")
@@ -702,7 +708,7 @@ def _add_world_commands(sub) -> None:
                                                 "training runs (float16)")
     export.add_argument("--flux-run", required=True, help="the train-flux run folder (its weights and its scaled VAE)")
     export.add_argument("--clip", required=True, help="the train-clip checkpoint (clip.safetensors)")
-    export.add_argument("--out", default=_WORLD_FOLDER, help="world folder (default: the pack's world/)")
+    export.add_argument("--out", default=WORLD_FOLDER, help="world folder (default: the pack's world/)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights of the FLUX run")
     export.set_defaults(func=cmd_world_export)
     eval_flux = commands.add_parser("eval-flux", help="prompt following of the world's FLUX: held-out scenes from "
@@ -888,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compose shipped concept images with the shipped toy world and adapter into a "
                                        "labelled PNG grid (a minute on a CPU)")
     demo.add_argument("--out", default="mod_adapter_demo.png", help="the PNG to write (default mod_adapter_demo.png)")
-    demo.add_argument("--world", default=_WORLD_FOLDER, help="world folder (default: the shipped one)")
+    demo.add_argument("--world", default=WORLD_FOLDER, help="world folder (default: the shipped one)")
     demo.add_argument("--adapter", help="adapter checkpoint (default: the world's adapter/toy_world_adapter.safetensors)")
     demo.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

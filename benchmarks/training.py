@@ -79,7 +79,7 @@ WORDS = ["dog", "cat", "glass", "marble", "sunset", "teapot", "pose", "lighting"
 
 def tokenizer_file(name: str) -> str:
     """FLUX.1's real tokenizer files, shipped with the pack in world/flux ("clip_tokenizer" or "t5_tokenizer")."""
-    from mod_adapter.modules.world.folder import world_paths
+    from mod_adapter.modules.world.paths import world_paths
 
     return world_paths()[name]
 

@@ -19,7 +19,7 @@ from mod_adapter.modules.concept_file import load_concept
 from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
 from mod_adapter.modules.token_modulation import TokenConcept
 from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, other_values, word_positions
-from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
+from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 from mod_adapter.modules.world.judge import load_judge
 from mod_adapter.modules.world.pairs import concept_caption
 from mod_adapter.modules.world.sampling import generate

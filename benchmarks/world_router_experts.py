@@ -17,7 +17,7 @@ import torch
 from mod_adapter.modules.checkpoint import load_adapter_checkpoint
 from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
 from mod_adapter.modules.world.captions import GROUPS
-from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
+from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 from mod_adapter.modules.world.methods import WorldModels
 from mod_adapter.modules.world.scene import SHAPES
 

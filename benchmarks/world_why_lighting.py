@@ -41,7 +41,7 @@ WORDS = ("lighting", "background", "pose", "surface")  # the group words, as cap
 
 def load_world(world: str):
     from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
-    from mod_adapter.modules.world.folder import check_world
+    from mod_adapter.modules.world.paths import check_world
     from mod_adapter.modules.world.judge import load_judge
     from mod_adapter.modules.world.methods import WorldModels
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -216,14 +217,24 @@ def load_t5_tokenizer(source: FluxSource):
 
 def load_flux_pipeline(source: FluxSource, dtype: torch.dtype):
     """FluxPipeline on the CPU from local files only."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    with warnings.catch_warnings():
+        # recent diffusers (0.42 here) deprecate from_pretrained's torch_dtype for dtype, which older releases (the
+        # pack supports 0.32 on) do not accept: keep the name every release reads, without the notice
+        warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+        return _load_flux_pipeline(source, dtype)
 
-    kwargs = {}
+
+def _load_flux_pipeline(source: FluxSource, dtype: torch.dtype):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.utils import is_accelerate_available
+
+    # without accelerate diffusers falls back to an ordinary load, with a paragraph about it: ask for that load
+    kwargs = {"low_cpu_mem_usage": is_accelerate_available()}
     if source.transformer_file is not None:
         try:
             kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
                 source.transformer_file, config=source.components, subfolder="transformer", torch_dtype=dtype,
-                local_files_only=True)
+                local_files_only=True, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"])
         except (OSError, ValueError, KeyError) as exc:
             raise ModAdapterError(
                 f"Cannot load the FLUX.1 transformer from '{source.transformer_file}' ({type(exc).__name__}: {exc}). "

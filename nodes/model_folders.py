@@ -16,7 +16,7 @@ EXTENSIONS = {".safetensors"}
 
 
 def register_model_folders() -> None:
-    from ..modules.world.folder import WORLD_ADAPTER_FOLDER
+    from ..modules.world.paths import WORLD_ADAPTER_FOLDER
 
     for name in (ADAPTER_FOLDER, CONCEPT_FOLDER):
         default = os.path.join(folder_paths.models_dir, name)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from ..modules.errors import ModAdapterError
 from ..modules.world.captions import full_caption
-from ..modules.world.folder import WORLD_FOLDER, check_world
+from ..modules.world.paths import WORLD_FOLDER, check_world
 from ..modules.world.scene import ATTRIBUTES, Scene, render
 from .comfy_flux_config import flux_text_encoders_target, flux_unet_config
 from .sockets import CATEGORY

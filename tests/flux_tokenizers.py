@@ -1,7 +1,7 @@
 """FLUX.1's real tokenizer files, as the pack ships them in world/flux: CLIP-L's BPE folder and T5 v1.1's
 tokenizer.json (the public files, identical to the ones FLUX.1's own folders carry)."""
 
-from mod_adapter.modules.world.folder import world_paths
+from mod_adapter.modules.world.paths import world_paths
 
 CLIP_L_TOKENIZER = world_paths()["clip_tokenizer"]
 T5_TOKENIZER_FILE = world_paths()["t5_tokenizer"]

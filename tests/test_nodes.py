@@ -303,7 +303,7 @@ def test_a_bf16_adapter_stays_bf16_and_computes_in_comfyuis_dtype(comfy_env):
 def test_the_loader_also_lists_the_toy_worlds_adapter_folder(comfy_env):
     import folder_paths
 
-    from mod_adapter.modules.world.folder import WORLD_ADAPTER_FOLDER
+    from mod_adapter.modules.world.paths import WORLD_ADAPTER_FOLDER
 
     paths = folder_paths.get_folder_paths("mod_adapter")
     assert WORLD_ADAPTER_FOLDER in paths and paths[0] != WORLD_ADAPTER_FOLDER  # new files go to the user's folder

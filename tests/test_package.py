@@ -116,16 +116,22 @@ def test_requirements_never_pin_torch_and_registry_metadata_is_there():
     assert project["project"]["scripts"]["mod-adapter"] == "mod_adapter.cli:main"
 
 
-def test_loads_as_a_custom_node_folder_under_any_name(comfyui, tmp_path):
-    """ComfyUI's own loader imports the pack from a folder with an arbitrary name."""
+def test_loads_as_a_custom_node_folder_under_any_name_without_the_training_code(comfyui, tmp_path):
+    """ComfyUI's own loader imports the pack from a folder with an arbitrary name, and loading the nodes
+    imports nothing of the training pipeline (modules/training), which only the CLI needs."""
     import nodes as comfy_nodes  # ComfyUI's top-level nodes.py
 
     folder = tmp_path / "My Mod-Adapter pack.v2"
     shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info"))
     assert asyncio.run(comfy_nodes.load_custom_node(str(folder))) is True
-    module = sys.modules[str(folder).replace(".", "_x_")]
+    package = str(folder).replace(".", "_x_")
+    module = sys.modules[package]
     extension = asyncio.run(module.comfy_entrypoint())
-    assert isinstance(asyncio.run(extension.get_node_list()), list)
+    node_list = asyncio.run(extension.get_node_list())
+    assert isinstance(node_list, list) and node_list
+    loaded = sorted(name for name in sys.modules if name.startswith(package + "."))
+    assert f"{package}.nodes.toy_world" in loaded, loaded
+    assert not [name for name in loaded if name.startswith(f"{package}.modules.training")], loaded
 
 
 def test_comfy_registry_reads_the_pyproject(comfyui):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mod_adapter.modules.world.folder import WORLD_ADAPTER_FILE, WORLD_ADAPTER_FOLDER, WORLD_FOLDER, check_world
+from mod_adapter.modules.world.paths import WORLD_ADAPTER_FILE, WORLD_ADAPTER_FOLDER, WORLD_FOLDER, check_world
 
 ADAPTER = os.path.join(WORLD_ADAPTER_FOLDER, WORLD_ADAPTER_FILE)
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
+from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 
 # The judge's per-attribute accuracy on the batches below (48 scenes each, noise seeds 5..52, 20 Euler steps,
 # cfg 4), measured when the world was shipped. A regression of more than 6 of 48 images fails. On held-out

@@ -12,7 +12,7 @@ PROMPT = "a ball whose surface is blue dots in a pose, small on the left under w
 
 @pytest.fixture(scope="module")
 def world(comfyui):
-    from mod_adapter.modules.world.folder import WORLD_FOLDER
+    from mod_adapter.modules.world.paths import WORLD_FOLDER
     from mod_adapter.nodes.toy_world import load_toy_world
 
     model, clip, vae, clip_vision = load_toy_world(WORLD_FOLDER)

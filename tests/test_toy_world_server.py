@@ -40,7 +40,7 @@ def run_saving_two_images(server, name, first_prefix, second_prefix):
 
 
 def read_by_judge(*images):
-    from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
+    from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
     from mod_adapter.modules.world.judge import images_to_tensor, load_judge
 
     return load_judge(check_world(WORLD_FOLDER)["judge"]).read(images_to_tensor(list(images)))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.world.captions import GROUPS, STATED, WORD_ONLY, caption, consistent
 from mod_adapter.modules.world.clip import ClipTask, WorldClip, load_clip_tokenizer, load_world_clip, save_world_clip
-from mod_adapter.modules.world.folder import WORLD_FOLDER, check_world
+from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 from mod_adapter.modules.world.scene import ATTRIBUTES, Scene
 from mod_adapter.modules.world.transformer import (
     MAX_SEQUENCE_LENGTH,

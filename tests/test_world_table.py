@@ -108,7 +108,7 @@ def test_every_row_runs_on_an_untrained_world(untrained):
 
     from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
     from mod_adapter.modules.world import methods
-    from mod_adapter.modules.world.folder import check_world
+    from mod_adapter.modules.world.paths import check_world
     from mod_adapter.modules.world.judge import load_judge
     from mod_adapter.modules.world.table import evaluate
 
@@ -194,6 +194,9 @@ def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):
     out = tmp_path / "demo.png"
     run = _cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2", "--no-progress")
     assert run.returncode == 0, run.stderr
+    # a first run prints its result and nothing of the libraries' (deprecation notices, loading bars, accelerate)
+    assert run.stderr.strip().splitlines() == [run.stderr.strip().splitlines()[-1]], run.stderr
+    assert run.stderr.startswith(f"wrote {out}"), run.stderr
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
     missing = _cli("demo", "--world", world, "--out", str(tmp_path / "x.png"))

@@ -1,5 +1,5 @@
 """Untrained toy worlds for tests of the plumbing: the real architectures and sizes, random weights, written
-in the shipped layout by the pack's own export (mod_adapter.modules.world.folder)."""
+in the shipped layout by the pack's own export (mod_adapter.modules.world.export)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import torch
 
 from mod_adapter.modules.world.clip import WorldClip, save_world_clip
-from mod_adapter.modules.world.folder import JUDGE_FILE, WORLD_FOLDER
+from mod_adapter.modules.world.paths import JUDGE_FILE, WORLD_FOLDER
 from mod_adapter.modules.world.transformer import WorldFlux, save_world_flux
 from mod_adapter.modules.world.vae import build_vae, save_world_vae
 

@@ -31,6 +31,7 @@ from ..training.loop import TrainingTask
 from .captions import caption, consistent, random_modes
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from .judge import images_to_tensor
+from .paths import IMAGE_ENCODER_NAME
 from .scene import render
 from .split import TRAIN, random_scene
 
@@ -46,7 +47,7 @@ CLIP_TEXT_CONFIG: Dict[str, Any] = dict(
 )
 # The open_clip architecture of the image tower, registered under this name (open_clip.add_model_config). The
 # text_cfg only satisfies open_clip's config format: the world's text tower is the CLIPTextModel above.
-OPEN_CLIP_NAME = "ModAdapter-World-ViT-8"
+OPEN_CLIP_NAME = IMAGE_ENCODER_NAME
 OPEN_CLIP_CONFIG: Dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 64, "patch_size": 8,

@@ -1,16 +1,6 @@
-"""The shipped toy world on disk: a diffusers FLUX.1 folder, the open_clip image encoder and the judge.
-
-    world/
-      flux/            a diffusers FLUX.1 pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
-                       text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/): --flux for every mod-adapter command
-      image_encoder/   open_clip_model.safetensors (open_clip layout), ModAdapter-World-ViT-8.json (its open_clip
-                       architecture) and clip_vision_config.json (the same in the transformers/ComfyUI format)
-      judge.safetensors
-      adapter/         toy_world_adapter.safetensors, the world's Mod-Adapter (listed by the Loader node)
-
-:func:`export_world` writes the first two from the training runs, in float16
-(every file of the world together stays under 25 MB). The sampler settings
-the world was measured with are in :data:`SAMPLING`.
+"""Write the toy world's folder (:mod:`.paths` has its layout) from the training runs: :func:`export_world` writes
+flux/ and image_encoder/ in float16 (every file of the world together stays under 25 MB). The sampler settings the
+world was measured with are in :data:`SAMPLING`.
 """
 
 from __future__ import annotations
@@ -22,39 +12,15 @@ from typing import Any, Dict
 
 import torch
 
-from ..errors import ModAdapterError
 from ..safetensors_io import save_safetensors
 from .clip import CLIP_TEXT_CONFIG, OPEN_CLIP_CONFIG, OPEN_CLIP_NAME, load_world_clip, write_open_clip_config
+from .paths import (CLIP_VISION_CONFIG_FILE, FLUX_FOLDER, IMAGE_ENCODER_FILE, IMAGE_ENCODER_FOLDER, WORLD_FOLDER,
+                    world_paths)
 from .transformer import MAX_SEQUENCE_LENGTH, T5_CONFIG, TRANSFORMER_CONFIG, load_world_flux
 from .vae import load_world_vae
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORLD_FOLDER = os.path.join(PACK_ROOT, "world")
-FLUX_FOLDER = "flux"
-IMAGE_ENCODER_FOLDER = "image_encoder"
-IMAGE_ENCODER_FILE = "open_clip_model.safetensors"
-JUDGE_FILE = "judge.safetensors"
-# The world's trained Mod-Adapter (the Loader node lists this folder): docs/results.md, issue "the paper's table".
-WORLD_ADAPTER_FOLDER = os.path.join(WORLD_FOLDER, "adapter")
-WORLD_ADAPTER_FILE = "toy_world_adapter.safetensors"
-IMAGE_ENCODER_NAME = OPEN_CLIP_NAME
-CLIP_VISION_CONFIG_FILE = "clip_vision_config.json"
-
 # How the world is sampled (no guidance embedding: classifier-free guidance against the empty prompt).
 SAMPLING: Dict[str, Any] = {"steps": 20, "cfg": 4.0, "max_sequence_length": MAX_SEQUENCE_LENGTH, "resolution": 64}
-
-
-def world_paths(folder: str = WORLD_FOLDER) -> Dict[str, str]:
-    return {
-        "flux": os.path.join(folder, FLUX_FOLDER),
-        "image_encoder": os.path.join(folder, IMAGE_ENCODER_FOLDER, IMAGE_ENCODER_FILE),
-        "image_encoder_config": os.path.join(folder, IMAGE_ENCODER_FOLDER, OPEN_CLIP_NAME + ".json"),
-        "clip_vision_config": os.path.join(folder, IMAGE_ENCODER_FOLDER, CLIP_VISION_CONFIG_FILE),
-        "judge": os.path.join(folder, JUDGE_FILE),
-        # FLUX.1's own tokenizer files, as published (CLIP-L's BPE folder, T5 v1.1's tokenizer.json)
-        "clip_tokenizer": os.path.join(folder, FLUX_FOLDER, "tokenizer"),
-        "t5_tokenizer": os.path.join(folder, FLUX_FOLDER, "tokenizer_2", "tokenizer.json"),
-    }
 
 
 def clip_vision_config() -> Dict[str, Any]:
@@ -65,18 +31,6 @@ def clip_vision_config() -> Dict[str, Any]:
             "num_attention_heads": vision["width"] // vision["head_width"], "num_hidden_layers": vision["layers"],
             "patch_size": vision["patch_size"], "image_size": vision["image_size"], "num_channels": 3,
             "projection_dim": OPEN_CLIP_CONFIG["embed_dim"], "hidden_act": "gelu", "layer_norm_eps": 1e-5}
-
-
-def check_world(folder: str = WORLD_FOLDER) -> Dict[str, str]:
-    """The paths of a complete world, or one error that names what is missing."""
-    paths = world_paths(folder)
-    needed = [paths["image_encoder"], paths["image_encoder_config"], paths["clip_vision_config"], paths["judge"],
-              os.path.join(paths["flux"], "model_index.json")]
-    missing = [p for p in needed if not os.path.exists(p)]
-    if missing:
-        raise ModAdapterError(f"the toy world in {folder} is incomplete (missing {', '.join(missing)}); reinstall "
-                              f"the pack, or rebuild it with `mod-adapter world export` (docs/results.md)")
-    return paths
 
 
 def scheduler_config() -> Dict[str, Any]:
