@@ -65,6 +65,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -283,10 +284,9 @@ class DiffusersBench:
         host = None
         if count:
             host = self.DiffusersFluxConcepts(self.model)
-            host.set_concepts(self.concepts[count])
         try:
             times, cpu_times = [], []
-            with torch.inference_mode():
+            with torch.inference_mode(), (host.using(self.concepts[count]) if host else contextlib.nullcontext()):
                 for _ in range(steps):
                     synchronize(self.device)
                     start, start_cpu = time.perf_counter(), time.process_time()

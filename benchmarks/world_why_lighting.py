@@ -385,6 +385,7 @@ def cmd_learn(args) -> None:
 @torch.no_grad()
 def cmd_training(args) -> None:
     from mod_adapter.modules.diffusers_flux_host import DiffusersFluxConcepts
+    from mod_adapter.modules.flow_matching import flow_matching_pair
     from mod_adapter.modules.flux_diffusers import flux_velocity, vae_encode
     from mod_adapter.modules.token_modulation import TokenConcept
     from mod_adapter.modules.world.sampling import encode_prompts
@@ -461,15 +462,16 @@ def cmd_training(args) -> None:
             generator = torch.Generator().manual_seed(args.seed * 100003 + start * 31 + draw)
             sigma = torch.sigmoid(torch.randn(len(chunk), generator=generator))  # training's logit-normal σ
             noise = torch.randn(x0.shape, generator=generator)
-            s = sigma.view(-1, 1, 1, 1)
-            noisy, target = (1 - s) * x0 + s * noise, noise - x0
+            noisy, target = flow_matching_pair(x0, noise, sigma)
             for name, deltas in (("zero", None), ("adapter", predicted), ("description", described),
                                  ("oracle", None)):
-                host.set_concepts([] if deltas is None else [
+                concepts = [] if deltas is None else [
                     TokenConcept(delta=deltas[b], positions=positions[b], batch_rows=[b], name=chunk[b].word)
-                    for b in range(len(chunk))])
+                    for b in range(len(chunk))]
                 e, pl = (full_embeds, full_pooled) if name == "oracle" else (embeds, pooled)
-                loss = (flux_velocity(pipe.transformer, noisy, sigma, e, pl, None) - target).square().mean((1, 2, 3))
+                with host.using(concepts):
+                    velocity = flux_velocity(pipe.transformer, noisy, sigma, e, pl, None)
+                loss = (velocity - target).square().mean((1, 2, 3))
                 for b, p in enumerate(chunk):
                     per_kind[p.kind][name].append(float(loss[b]))
             for b, p in enumerate(chunk):

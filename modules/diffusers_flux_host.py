@@ -18,7 +18,8 @@ diffusers' block code fails loudly instead of silently dropping the concepts.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -64,7 +65,8 @@ class TokenwiseModulation:
 
 class _DiffusersHostState:
     def __init__(self) -> None:
-        self.concepts: Sequence[TokenConcept] = ()
+        self.concepts: Sequence[TokenConcept] = ()  # what the next forward applies (DiffusersFluxConcepts.using)
+        self._forward_concepts: Sequence[TokenConcept] = ()
         self.batch_size = 0
         self.text_len = 0
         self.sigma: Optional[float] = None
@@ -72,14 +74,15 @@ class _DiffusersHostState:
         self._planned = False
 
     def begin_forward(self, batch_size: int, text_len: int, sigma: Optional[float]) -> None:
-        # The plan is kept after the forward returns: gradient checkpointing runs
-        # the blocks again during backward and must see the same plan.
+        # The forward's concepts and plan are kept after it returns: gradient checkpointing runs the blocks again
+        # during backward, maybe after the `using` scope, and must see the same plan.
         self.batch_size, self.text_len, self.sigma = batch_size, text_len, sigma
+        self._forward_concepts = self.concepts
         self._plan, self._planned = None, False
 
     def plan(self, device: torch.device) -> Optional[ModulationPlan]:
         if not self._planned:
-            self._plan = build_plan(self.concepts, batch_size=self.batch_size, text_len=self.text_len,
+            self._plan = build_plan(self._forward_concepts, batch_size=self.batch_size, text_len=self.text_len,
                                     sigma=self.sigma, device=device)
             self._planned = True
         return self._plan
@@ -118,12 +121,14 @@ class DiffusersFluxConcepts:
     Usage::
 
         with DiffusersFluxConcepts(transformer) as host:
-            host.set_concepts([TokenConcept(delta, positions=[3], strength=1.0)])
-            out = transformer(hidden_states=..., encoder_hidden_states=..., ...)
+            with host.using([TokenConcept(delta, positions=[3], strength=1.0)]):
+                out = transformer(hidden_states=..., encoder_hidden_states=..., ...)
+            plain = transformer(...)  # outside `using`, the stock forward
 
-    `set_concepts` may be called before every forward (training gives each
-    sample its own concept via `TokenConcept.batch_rows`). Leaving the block or
-    `remove()` puts the original modules back.
+    Each forward may use its own concepts (training gives each sample its own
+    concept via `TokenConcept.batch_rows`); the concepts of a forward are
+    passed in its scope and cannot leak into the next. Leaving the outer block
+    or `remove()` puts the original modules back.
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -158,11 +163,21 @@ class DiffusersFluxConcepts:
         self.state.begin_forward(hidden.shape[0], text.shape[1], sigma)
         return None
 
-    def set_concepts(self, concepts: Sequence[TokenConcept]) -> None:
+    @contextlib.contextmanager
+    def using(self, concepts: Sequence[TokenConcept]) -> Iterator["DiffusersFluxConcepts"]:
+        """The transformer's forwards inside the block apply ``concepts``; after it, none.
+
+        A forward plans its concepts when it starts (the pre-hook), and the plan stays until the next forward:
+        gradient checkpointing's recompute during a backward after the block sees the concepts it was run with.
+        """
         for c in concepts:
             self.layout.check_delta(c.delta.shape, c.name)
+        outer = self.state.concepts
         self.state.concepts = tuple(concepts)
-        self.state._planned = False
+        try:
+            yield self
+        finally:
+            self.state.concepts = outer
 
     def remove(self) -> None:
         for block, attr, original in reversed(self._installed):

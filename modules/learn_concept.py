@@ -21,14 +21,9 @@ loop drives diffusers' FluxTransformer2DModel (:mod:`.learn_diffusers`) and
 ComfyUI's FLUX (the Learn Concept node). Only Δ receives gradients; the
 model's parameters are frozen for the duration of the run.
 
-Flow-matching convention (diffusers' ``examples/dreambooth/train_dreambooth_flux.py``,
-which matches ComfyUI's ``model_sampling.CONST.noise_scaling``): with clean
-latents x0, noise ε and σ ∈ [0, 1],
-
-    x_σ = (1 − σ)·x0 + σ·ε,   target velocity v = ε − x0,   loss = mse(model(x_σ, σ), v)
-
-and the transformer receives σ itself as its timestep (diffusers' FluxPipeline
-passes ``timestep / 1000`` where its scheduler's timesteps are σ·1000).
+The loss is FLUX.1's flow-matching loss (:mod:`.flow_matching`); the
+transformer receives σ itself as its timestep (diffusers' FluxPipeline passes
+``timestep / 1000`` where its scheduler's timesteps are σ·1000).
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModAdapterError
+from .flow_matching import flow_matching_pair
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +173,6 @@ def sample_sigmas(generator: torch.Generator, batch_size: int, sigma_range: Tupl
     low, high = sigma_range
     sigma = torch.where(pick_range, low + (high - low) * unit, unit)
     return sigma.clamp_min(min_sigma)
-
-
-def flow_matching_pair(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x_σ, target v) for clean latents x0, noise ε and per-sample σ (see the module docstring)."""
-    s = sigma.view(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
-    return (1.0 - s) * clean + s * noise, noise - clean
 
 
 def _check_latents(latents: torch.Tensor, name: str = "latents") -> None:

@@ -71,12 +71,11 @@ class DiffusersDenoiser:
 
     def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
                  token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
-        self.host.set_concepts([
-            TokenConcept(delta=delta, positions=list(pos), name=f"concept {k + 1}")
-            for k, (delta, pos) in enumerate(zip(deltas, token_positions))
-        ])
-        return flux_velocity(self.transformer, noisy_latents.to(self.device), sigma, self.prompt_embeds,
-                             self.pooled_prompt_embeds, self.guidance)
+        concepts = [TokenConcept(delta=delta, positions=list(pos), name=f"concept {k + 1}")
+                    for k, (delta, pos) in enumerate(zip(deltas, token_positions))]
+        with self.host.using(concepts):
+            return flux_velocity(self.transformer, noisy_latents.to(self.device), sigma, self.prompt_embeds,
+                                 self.pooled_prompt_embeds, self.guidance)
 
     def model_parameters(self) -> Iterable[torch.Tensor]:
         return self.transformer.parameters()

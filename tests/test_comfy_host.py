@@ -237,8 +237,7 @@ def test_same_weights_in_comfyui_and_diffusers_layout_give_the_same_patched_outp
     inputs = dict(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma,
                   guidance=guidance, img_ids=img_ids, txt_ids=torch.zeros(20, 3), return_dict=False)
     diffusers_plain = transformer(**inputs)[0]
-    with DiffusersFluxConcepts(transformer) as host:
-        host.set_concepts([TokenConcept(delta, positions=[3, 4], strength=0.8)])
+    with DiffusersFluxConcepts(transformer) as host, host.using([TokenConcept(delta, positions=[3, 4], strength=0.8)]):
         diffusers_patched = transformer(**inputs)[0]
 
     torch.testing.assert_close(diffusers_plain, comfy_plain, rtol=1e-4, atol=1e-4)  # the conversion itself

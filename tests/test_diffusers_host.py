@@ -75,8 +75,8 @@ def test_zero_delta_gives_the_unpatched_output(model):
     inputs = diffusers_inputs(model)
     expected = model(**inputs)[0]
     with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([TokenConcept(torch.zeros(NUM_BLOCKS, WIDTH), positions=[1, 2], name="dog")])
-        patched = model(**inputs)[0]
+        with host.using([TokenConcept(torch.zeros(NUM_BLOCKS, WIDTH), positions=[1, 2], name="dog")]):
+            patched = model(**inputs)[0]
     torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -94,8 +94,7 @@ def test_matches_a_naive_per_token_reference(model, num_concepts):
     ]
     expected = reference_forward(model, inputs, offsets_for(concepts, 2, 9))
     unpatched = model(**inputs)[0]
-    with DiffusersFluxConcepts(model) as host:
-        host.set_concepts(concepts)
+    with DiffusersFluxConcepts(model) as host, host.using(concepts):
         patched = model(**inputs)[0]
     torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
     assert (patched - unpatched).abs().max() > 1e-3  # the concepts did something
@@ -120,8 +119,7 @@ def test_only_concept_tokens_get_a_different_modulation(model):
         return hook
 
     concept = TokenConcept(random_delta(3), positions=[2, 3], batch_rows=[0], name="dog")
-    with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([concept])
+    with DiffusersFluxConcepts(model) as host, host.using([concept]):
         hooks = [model.transformer_blocks[0].norm1_context.register_forward_hook(capture("double"), with_kwargs=True),
                  model.single_transformer_blocks[1].norm.register_forward_hook(capture("single"), with_kwargs=True),
                  model.transformer_blocks[0].norm1.register_forward_hook(capture("image"), with_kwargs=True)]
@@ -153,33 +151,56 @@ def test_schedule_limits_when_a_concept_applies(model):
     inputs = diffusers_inputs(model)  # timestep (= sigma) 0.7
     unpatched = model(**inputs)[0]
     with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([TokenConcept(random_delta(4), positions=[1], sigma_start=0.5, sigma_end=0.0)])
-        torch.testing.assert_close(model(**inputs)[0], unpatched)
-        host.set_concepts([TokenConcept(random_delta(4), positions=[1], sigma_start=1.0, sigma_end=0.5)])
-        assert (model(**inputs)[0] - unpatched).abs().max() > 1e-3
+        with host.using([TokenConcept(random_delta(4), positions=[1], sigma_start=0.5, sigma_end=0.0)]):
+            torch.testing.assert_close(model(**inputs)[0], unpatched)
+        with host.using([TokenConcept(random_delta(4), positions=[1], sigma_start=1.0, sigma_end=0.5)]):
+            assert (model(**inputs)[0] - unpatched).abs().max() > 1e-3
 
 
-def test_gradients_reach_delta_with_gradient_checkpointing():
+def frozen_checkpointed_model():
+    """The tiny transformer as Learn Concept runs it: train mode, gradient checkpointing, weights frozen."""
     model = tiny_diffusers_flux()
     model.enable_gradient_checkpointing()
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def test_gradients_reach_delta_with_gradient_checkpointing():
+    model = frozen_checkpointed_model()
     inputs = diffusers_inputs(model)
     delta = random_delta(5).requires_grad_(True)
-    with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([TokenConcept(delta, positions=[1, 2])])
+    with DiffusersFluxConcepts(model) as host, host.using([TokenConcept(delta, positions=[1, 2])]):
         model(**inputs)[0].square().mean().backward()
     grad_checkpointed = delta.grad.clone()
 
     model.disable_gradient_checkpointing()
     delta.grad = None
-    with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([TokenConcept(delta, positions=[1, 2])])
+    with DiffusersFluxConcepts(model) as host, host.using([TokenConcept(delta, positions=[1, 2])]):
         model(**inputs)[0].square().mean().backward()
     assert grad_checkpointed.abs().sum() > 0
     assert grad_checkpointed[:, :].ne(0).any(dim=1).all(), "every block's Δ row must receive gradient"
     torch.testing.assert_close(grad_checkpointed, delta.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_concepts_act_only_inside_their_scope_and_a_later_backward_keeps_them():
+    # the concepts of one forward cannot leak into the next (the unconditional pass needs no reset), and gradient
+    # checkpointing's recompute during a backward after the scope still applies them
+    model = frozen_checkpointed_model()
+    inputs = diffusers_inputs(model)
+    with torch.no_grad():
+        unpatched = model(**inputs)[0]
+    delta = random_delta(6).requires_grad_(True)
+    with DiffusersFluxConcepts(model) as host:
+        with host.using([TokenConcept(delta, positions=[1, 2])]):
+            patched = model(**inputs)[0]
+        patched.square().mean().backward()  # outside the scope
+        with torch.no_grad():
+            after = model(**inputs)[0]
+    assert (patched.detach() - unpatched).abs().max() > 1e-3
+    torch.testing.assert_close(after, unpatched)
+    assert delta.grad is not None and delta.grad.ne(0).any(dim=1).all(), "every block's Δ row must receive gradient"
 
 
 @torch.no_grad()
@@ -195,7 +216,8 @@ def test_remove_restores_the_original_modules_and_state_dict_names(model):
 def test_wrong_delta_shape_and_wrong_model_are_refused(model):
     with DiffusersFluxConcepts(model) as host:
         with pytest.raises(ModelMismatchError, match=r"needs \(6, 128\)"):
-            host.set_concepts([TokenConcept(torch.zeros(57, 3072), positions=[0], name="dog")])
+            with host.using([TokenConcept(torch.zeros(57, 3072), positions=[0], name="dog")]):
+                pass
     with pytest.raises(ModelMismatchError, match="FluxTransformer2DModel"):
         DiffusersFluxConcepts(torch.nn.Linear(2, 2))
 
@@ -203,7 +225,6 @@ def test_wrong_delta_shape_and_wrong_model_are_refused(model):
 @torch.no_grad()
 def test_positions_past_the_prompt_are_a_clear_error(model):
     inputs = diffusers_inputs(model, text_len=5)
-    with DiffusersFluxConcepts(model) as host:
-        host.set_concepts([TokenConcept(random_delta(1), positions=[9], name="dog")])
+    with DiffusersFluxConcepts(model) as host, host.using([TokenConcept(random_delta(1), positions=[9], name="dog")]):
         with pytest.raises(ModAdapterError, match="only 5 prompt tokens"):
             model(**inputs)

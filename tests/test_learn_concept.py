@@ -20,10 +20,10 @@ from mod_adapter.modules.learn_concept import (
     LearnConfig,
     LearningDivergedError,
     evaluate_loss,
-    flow_matching_pair,
     learn_concepts,
     sample_sigmas,
 )
+from mod_adapter.modules.flow_matching import flow_matching_pair
 from mod_adapter.modules.flux_diffusers import fit_image, latent_image_ids, pack_latents, unpack_latents
 from mod_adapter.modules.learn_diffusers import DiffusersDenoiser, load_concept_images, plan_output_paths
 

@@ -64,6 +64,7 @@ from ..flux_diffusers import (
     vae_decode,
     vae_encode,
 )
+from ..flow_matching import flow_matching_pair
 from ..flux_layout import FluxLayout
 from ..token_modulation import TokenConcept
 from ..token_positions import TextSequenceLayout, find_concept_positions
@@ -269,18 +270,15 @@ class FluxTrainTask(TrainingTask):
             noise.append(torch.randn(tuple(x0.shape[1:]), generator=generator))
         sigma = torch.tensor(sigmas, dtype=torch.float32, device=device)
         noise = torch.stack(noise).to(device)
-        s = sigma.view(-1, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise
-        target = noise - x0
+        noisy, target = flow_matching_pair(x0, noise, sigma)
 
         delta, _ = predict_deltas(model, self.encoder, self.neutral, prepared["images"], prepared["masks"],
                                   prepared["words"], device)
-        self.host.set_concepts([
-            TokenConcept(delta=delta[b], positions=prepared["positions"][b], batch_rows=[b], name=prepared["words"][b])
-            for b in range(delta.shape[0])
-        ])
-        prediction = flux_velocity(self.pipe.transformer, noisy, sigma, prompt_embeds.to(device), pooled.to(device),
-                                   self.settings.guidance)
+        concepts = [TokenConcept(delta=delta[b], positions=prepared["positions"][b], batch_rows=[b],
+                                 name=prepared["words"][b]) for b in range(delta.shape[0])]
+        with self.host.using(concepts):
+            prediction = flux_velocity(self.pipe.transformer, noisy, sigma, prompt_embeds.to(device),
+                                       pooled.to(device), self.settings.guidance)
         return (prediction.float() - target).square().mean(dim=(1, 2, 3))
 
     # -- validation ----------------------------------------------------------
@@ -307,14 +305,11 @@ class FluxTrainTask(TrainingTask):
         mu = calculate_shift((height // 2) * (width // 2), cfg.get("base_image_seq_len", 256),
                              cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
-        self.host.set_concepts(list(concepts))
-        try:
+        with self.host.using(concepts):
             for t in timesteps:
                 sigma = (t / 1000.0).expand(1).float()
                 velocity = flux_velocity(pipe.transformer, latents, sigma, prompt_embeds, pooled, self.settings.guidance)
                 latents = scheduler.step(velocity.float(), t, latents.float(), return_dict=False)[0]
-        finally:
-            self.host.set_concepts([])
         image = vae_decode(pipe.vae, latents)[0]
         return ((image + 1.0) / 2.0).clamp(0, 1).cpu()
 

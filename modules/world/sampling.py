@@ -85,13 +85,12 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
         host = DiffusersFluxConcepts(pipe.transformer)
 
     def cond(x, sigma):
-        if host is not None:
-            host.set_concepts(rows)
-        return flux_velocity(pipe.transformer, x, sigma, embeds, pooled, None)
+        if host is None:
+            return flux_velocity(pipe.transformer, x, sigma, embeds, pooled, None)
+        with host.using(rows):
+            return flux_velocity(pipe.transformer, x, sigma, embeds, pooled, None)
 
-    def uncond(x, sigma):
-        if host is not None:
-            host.set_concepts([])
+    def uncond(x, sigma):  # the empty prompt: outside any concept scope
         return flux_velocity(pipe.transformer, x, sigma, empty_embeds.expand(count, -1, -1),
                              empty_pooled.expand(count, -1), None)
 

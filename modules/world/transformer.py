@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModAdapterError
+from ..flow_matching import flow_matching_pair
 from ..flux_diffusers import latent_image_ids, pack_latents, unpack_latents, vae_decode, vae_encode
 from ..safetensors_io import load_safetensors_checked, save_safetensors
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
@@ -183,10 +184,9 @@ class FluxWorldTask(TrainingTask):
     def per_sample_losses(self, model: torch.nn.Module, prepared: Any, step: int) -> torch.Tensor:
         latents, sigma, noise, ids, captions = prepared
         latents, sigma, noise = latents.to(self.device), sigma.to(self.device), noise.to(self.device)
-        s = sigma.view(-1, 1, 1, 1)
-        noisy = (1.0 - s) * latents + s * noise
+        noisy, target = flow_matching_pair(latents, noise, sigma)
         velocity = model.velocity(noisy, sigma, ids.to(self.device), self.conditioning.pooled(captions))
-        return (velocity.float() - (noise - latents)).square().mean(dim=(1, 2, 3))
+        return (velocity.float() - target).square().mean(dim=(1, 2, 3))
 
     def write_validation_images(self, step: int, out_dir: str, ctx: DistributedContext) -> None:
         """Held-out scenes from their full captions: a PNG grid and, with a judge, per-attribute accuracy."""
