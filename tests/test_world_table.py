@@ -72,6 +72,22 @@ def test_the_paired_difference_of_cp_pf_cancels_shared_noise_and_needs_the_same_
         cp_pf_difference(a, MethodResult("c", scores=a.scores, cases=make_cases([("pose",)], 20, seed=1)))
 
 
+def test_the_paired_cp_difference_is_given_per_kind_set():
+    from mod_adapter.modules.world.table import CaseScore, MethodResult, cp_difference_by_kinds
+
+    cases = make_cases([("lighting",), ("background",)], 10, seed=0)
+    # a carries lighting (CP 0.3 above b on every lighting case) and nothing of background
+    a = MethodResult("a", scores=[CaseScore(0.2 + 0.5 * (i % 2) + 0.3 * (c.kinds == ("lighting",)), 1.0, None)
+                                  for i, c in enumerate(cases)], cases=cases)
+    b = MethodResult("b", scores=[CaseScore(0.2 + 0.5 * (i % 2), 1.0, None) for i in range(len(cases))], cases=cases)
+    kinds = cp_difference_by_kinds(a, b)
+    assert set(kinds) == {"lighting", "background"}
+    assert kinds["lighting"]["cp_minus"] == pytest.approx(0.3) and kinds["lighting"]["cp_minus_95"][0] == pytest.approx(0.3)
+    assert kinds["background"]["cp_minus"] == 0 and kinds["background"]["cp_minus_95"] == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        cp_difference_by_kinds(a, MethodResult("c", scores=a.scores, cases=make_cases([("pose",)], 20, seed=1)))
+
+
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """An untrained world and a world-preset adapter with random (non-zero) experts: (world folder, adapter file)."""
@@ -159,6 +175,9 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
     for name in ("adapter:full", "learn"):  # the learn row is compared on the bare word's first cases
         low, high = rows[name]["cp_pf_minus_bare_95"]
         assert low <= rows[name]["cp_pf_minus_bare"] <= high
+        by_kinds = rows[name]["cp_minus_bare_by_kinds"]  # which kinds the row carries beyond the bare word
+        assert set(by_kinds) == {"object", "surface", "pose", "lighting", "background"}
+        assert all(k["cp_minus_95"][0] <= k["cp_minus"] <= k["cp_minus_95"][1] for k in by_kinds.values())
     with Image.open(grid) as picture:
         assert picture.width >= 128 * 4  # the concept image and three rows' outputs
     unknown = _cli("world", "table", "--world", world, "--rows", "magic", "--no-progress")

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..errors import ModAdapterError
 from ..token_modulation import TokenConcept
 from .evaluation import WORLD_LEARN_LR, word_positions
 from .pairs import concept_caption
@@ -158,3 +159,28 @@ def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Op
                                          models.positions(case.prompt, word), 1.0, name=word))
         return case.prompt, concepts
     return method
+
+
+ROWS = "oracle, bare, description, adapter=FILE, global=FILE, learn, hybrid=FILE"
+
+
+def row_method(models: WorldModels, name: str, checkpoint: str, *, learn_steps: int, hybrid_steps: int, lr: float,
+               seed: int):
+    """The method of one row of the table, by its name (a label may follow a colon: ``adapter:no-moe``) and, for the
+    rows that need one, an adapter checkpoint."""
+    kind = name.split(":")[0]
+    if kind in ("adapter", "global", "hybrid") and not checkpoint:
+        raise ModAdapterError(f"--rows {name}=ADAPTER.safetensors: the {name} row needs an adapter checkpoint")
+    make = {
+        "oracle": lambda: text_oracle(models),
+        "bare": lambda: bare_word(models),
+        "description": lambda: description_only(models),
+        "adapter": lambda: adapter_method(models, checkpoint),
+        "global": lambda: adapter_method(models, checkpoint, everywhere=True),
+        "learn": lambda: learn_concept_method(models, steps=learn_steps, lr=lr, seed=seed),
+        "hybrid": lambda: learn_concept_method(models, steps=hybrid_steps, init_checkpoint=checkpoint, lr=lr,
+                                               seed=seed),
+    }.get(kind)
+    if make is None:
+        raise ModAdapterError(f"unknown row {name!r}; rows are {ROWS} (a label may follow, e.g. adapter:no-moe=FILE)")
+    return make()

@@ -22,9 +22,10 @@ CP·PF as the product of the means (the paper's definition).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -213,6 +214,60 @@ def cp_pf_difference(a: MethodResult, b: MethodResult, *, seed: int = 0,
     rng = np.random.default_rng(seed)
     stats = [difference(scores[rng.integers(len(scores), size=len(scores))]) for _ in range(draws)]
     return difference(scores), (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5)))
+
+
+def cp_difference_by_kinds(a: MethodResult, b: MethodResult, *, seed: int = 0,
+                           draws: int = 2000) -> Dict[str, Dict[str, object]]:
+    """Per kind set, CP of ``a`` minus that of ``b`` on the same cases, with a paired 95% bootstrap interval: does a
+    method carry that kind (lighting, background, ...) beyond the set's noise."""
+    if [c.seed for c in a.cases] != [c.seed for c in b.cases] or not a.cases:
+        raise ValueError("cp_difference_by_kinds compares two methods on the same cases")
+    groups: Dict[str, List[float]] = {}
+    for case, s, t in zip(a.cases, a.scores, b.scores):
+        groups.setdefault("+".join(case.kinds), []).append(s.cp - t.cp)
+    return {kinds: {"cp_minus": float(np.mean(values)),
+                    "cp_minus_95": bootstrap_interval(values, seed=seed, draws=draws)}
+            for kinds, values in groups.items()}
+
+
+def table_rows(row_specs: Sequence[str], sets: Sequence[str], make_method: Callable[[str, str], Method], pipe, judge, *,
+               count: int, learn_count: int, seed: int, steps: int, cfg: float, grid_set: Optional[str] = None,
+               grid_rows: int = 0, progress: Optional[Callable[[str, int], Any]] = None,
+               on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> Tuple[List[Dict[str, Any]], List[MethodResult]]:
+    """The table: every row (``name`` or ``name=CHECKPOINT``, made by ``make_method``) on every test set, with its
+    summary and, for rows after the bare word's, the paired difference from it on the same cases.
+
+    ``progress(description, total)`` gives a context manager with ``update(n)`` (a progress bar); ``on_row`` sees
+    each row as it is done. Returns the rows and the results on ``grid_set`` (for :func:`picture_grid`)."""
+    kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
+    rows: List[Dict[str, Any]] = []
+    grid_results: List[MethodResult] = []
+    bare_results: Dict[str, Dict[int, CaseScore]] = {}
+    for spec in row_specs:
+        name, _, checkpoint = spec.partition("=")
+        method = make_method(name, checkpoint)
+        per_set = learn_count if name.startswith(("learn", "hybrid")) else count
+        for set_name in sets:
+            cases = make_cases(kind_sets[set_name], per_set, seed)
+            keep = grid_rows if set_name == grid_set else 0
+            with (progress(f"{name} {set_name}", len(cases)) if progress else contextlib.nullcontext()) as bar:
+                result = evaluate(name, method, cases, pipe, judge, steps=steps, cfg=cfg, keep_images=keep,
+                                  progress=bar.update if bar is not None else None)
+            if set_name == grid_set:
+                grid_results.append(result)
+            rows.append({"set": set_name, **summarise(result, seed=seed)})
+            if name == "bare":
+                bare_results[set_name] = {case.seed: score for case, score in zip(result.cases, result.scores)}
+            elif all(case.seed in bare_results.get(set_name, {}) for case in result.cases):
+                # the bare word on the same cases (the learn rows' cases are the first of each kind set's)
+                floor = MethodResult("bare", [bare_results[set_name][case.seed] for case in result.cases],
+                                     list(result.cases))
+                difference, interval = cp_pf_difference(result, floor, seed=seed)
+                rows[-1].update(cp_pf_minus_bare=difference, cp_pf_minus_bare_95=interval,
+                                cp_minus_bare_by_kinds=cp_difference_by_kinds(result, floor, seed=seed))
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows, grid_results
 
 
 def picture_grid(results: Sequence[MethodResult], count: int, scale: int = 2) -> np.ndarray:
