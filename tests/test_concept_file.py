@@ -14,6 +14,8 @@ from mod_adapter.modules.concept import Concept
 from mod_adapter.modules.concept_file import load_concept, read_concept_info, save_concept
 from mod_adapter.modules.errors import ConceptFileError, ModAdapterError
 
+from command_helpers import PickleMarker
+
 FLUX_BLOCKS = 57
 FLUX_DOUBLE_BLOCKS = 19
 FLUX_MODULATION_DIM = 3072
@@ -73,16 +75,6 @@ def split_file(path):
 def join_file(path, header, data):
     header_bytes = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
-
-
-class PickleMarker:
-    """Unpickling this object would create a marker file (as hostile pickles run code)."""
-
-    def __init__(self, marker_path):
-        self.marker_path = str(marker_path)
-
-    def __reduce__(self):
-        return (open, (self.marker_path, "w"))
 
 
 # ---------------------------------------------------------------- valid files

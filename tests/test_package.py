@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from command_helpers import mod_adapter_cli
+
 REPO = Path(__file__).resolve().parent.parent
 # Every module under modules/, subpackages included (modules.training.flux, ...).
 METHOD_MODULES = sorted(".".join(p.relative_to(REPO / "modules").with_suffix("").parts)
@@ -57,14 +59,14 @@ def test_the_library_and_cli_never_import_comfyui_even_where_it_is_importable(co
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def mod_adapter_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True, cwd="/")
+def mod_adapter_cli_at_root(*args):
+    return mod_adapter_cli(*args, cwd="/")  # not from the checkout: the installed package answers
 
 
 def test_cli_help_and_preset_info():
-    result = mod_adapter_cli("--help")
+    result = mod_adapter_cli_at_root("--help")
     assert result.returncode == 0 and "info" in result.stdout
-    tiny = mod_adapter_cli("info", "--preset", "tiny", "--json")
+    tiny = mod_adapter_cli_at_root("info", "--preset", "tiny", "--json")
     assert tiny.returncode == 0, tiny.stderr
     from mod_adapter.modules.adapter import ModAdapter
     from mod_adapter.modules.config import ModAdapterConfig
@@ -82,7 +84,7 @@ def test_cli_info_on_files_and_on_bad_input(tmp_path):
     concept_path = tmp_path / "dog.safetensors"
     save_concept(concept_path, Concept("dog", torch.randn(57, 3072) * 0.1, strength=0.8,
                                        source={"kind": "learned", "steps": 10}))
-    result = mod_adapter_cli("info", str(concept_path))
+    result = mod_adapter_cli_at_root("info", str(concept_path))
     assert result.returncode == 0, result.stderr
     assert "kind: concept file" in result.stdout and "word: dog" in result.stdout
 
@@ -90,14 +92,14 @@ def test_cli_info_on_files_and_on_bad_input(tmp_path):
     adapter = ModAdapter(ModAdapterConfig.preset("tiny"))
     save_adapter_checkpoint(adapter_path, adapter, base_model="flux1-dev",
                             image_encoder={"name": "test", "layer": "penultimate", "tokens": 5, "width": 32})
-    result = mod_adapter_cli("info", str(adapter_path))
+    result = mod_adapter_cli_at_root("info", str(adapter_path))
     assert result.returncode == 0, result.stderr
     assert "kind: adapter checkpoint" in result.stdout and "flux1-dev" in result.stdout
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(300))
     for args in (["info", str(junk)], ["info", str(tmp_path / "missing.safetensors")], ["info"]):
-        result = mod_adapter_cli(*args)
+        result = mod_adapter_cli_at_root(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 

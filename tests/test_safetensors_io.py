@@ -19,6 +19,8 @@ from mod_adapter.modules.safetensors_io import (
     save_safetensors,
 )
 
+from command_helpers import PickleMarker
+
 KIND = "adapter checkpoint"
 
 
@@ -47,16 +49,6 @@ def valid_file(tmp_path):
         {"format": "test", "note": "ünïcode"},
     )
     return path
-
-
-class PickleMarker:
-    """Unpickling this object would create a marker file (as hostile pickles run code)."""
-
-    def __init__(self, marker_path):
-        self.marker_path = str(marker_path)
-
-    def __reduce__(self):
-        return (open, (self.marker_path, "w"))
 
 
 # ---------------------------------------------------------------- valid files

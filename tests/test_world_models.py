@@ -30,6 +30,7 @@ from mod_adapter.modules.world.vae import (
     vae_scene_of,
 )
 
+from command_helpers import mod_adapter_cli
 from world_builders import random_world, random_world_checkpoints
 
 TOKENIZERS = os.path.join(WORLD_FOLDER, "flux")
@@ -185,8 +186,7 @@ def test_a_training_pair_shares_only_its_concept_and_its_manifest_validates(tmp_
 
 
 def _cli(*args):
-    result = subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True,
-                            timeout=600)
+    result = mod_adapter_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

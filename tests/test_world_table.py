@@ -7,6 +7,8 @@ from mod_adapter.modules.world.scene import ATTRIBUTES
 from mod_adapter.modules.world.split import EVAL, split_of
 from mod_adapter.modules.world.table import MULTI, SINGLE, make_cases, score_case, summarise
 
+from command_helpers import mod_adapter_cli
+
 WORLD_ENCODER = {"name": "ModAdapter-World-ViT-8", "layer": "penultimate", "tokens": 65, "width": 128}
 
 
@@ -111,14 +113,6 @@ def untrained(tmp_path_factory):
     return world, checkpoint
 
 
-def _cli(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "mod_adapter.cli", *args], capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_every_row_runs_on_an_untrained_world(untrained):
     import torch
 
@@ -162,7 +156,7 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
 
     world, checkpoint = untrained
     out, grid = tmp_path / "table.json", tmp_path / "grid.png"
-    run = _cli("world", "table", "--world", world, "--rows", "bare", f"adapter:full={checkpoint}", "learn",
+    run = mod_adapter_cli("world", "table", "--world", world, "--rows", "bare", f"adapter:full={checkpoint}", "learn",
                "--sets", "single", "--count", "2", "--learn-count", "1", "--learn-steps", "2", "--steps", "2",
                "--out", str(out), "--grid", str(grid), "--grid-set", "single", "--grid-rows", "1", "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -180,7 +174,7 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
         assert all(k["cp_minus_95"][0] <= k["cp_minus"] <= k["cp_minus_95"][1] for k in by_kinds.values())
     with Image.open(grid) as picture:
         assert picture.width >= 128 * 4  # the concept image and three rows' outputs
-    unknown = _cli("world", "table", "--world", world, "--rows", "magic", "--no-progress")
+    unknown = mod_adapter_cli("world", "table", "--world", world, "--rows", "magic", "--no-progress")
     assert unknown.returncode != 0 and "unknown row" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
@@ -188,7 +182,7 @@ def test_eval_learn_scores_the_learned_delta_against_the_bare_word(untrained, tm
     import json
 
     world, _ = untrained
-    run = _cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "2",
+    run = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "2",
                "--learn-steps", "2", "--learn-lr", "0.02", "--learn-batch-size", "2", "--steps", "2",
                "--work-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -211,14 +205,14 @@ def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):
 
     world, checkpoint = untrained
     out = tmp_path / "demo.png"
-    run = _cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2", "--no-progress")
+    run = mod_adapter_cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2", "--no-progress")
     assert run.returncode == 0, run.stderr
     # a first run prints its result and nothing of the libraries' (deprecation notices, loading bars, accelerate)
     assert run.stderr.strip().splitlines() == [run.stderr.strip().splitlines()[-1]], run.stderr
     assert run.stderr.startswith(f"wrote {out}"), run.stderr
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.height > 128 * len(DEMO_ROWS) and grid.width >= 128 * 3
-    missing = _cli("demo", "--world", world, "--out", str(tmp_path / "x.png"))
+    missing = mod_adapter_cli("demo", "--world", world, "--out", str(tmp_path / "x.png"))
     assert missing.returncode != 0 and "adapter" in missing.stderr and "Traceback" not in missing.stderr
 
 

@@ -58,7 +58,7 @@ def diffusers_inputs(model, batch: int = 2, text_len: int = 7, height: int = 4, 
 
 
 # The same architecture inside ComfyUI, built as ComfyUI's own loader would
-# build it (DESIGN.md §2): 2 double + 4 single blocks, width 256.
+# build it (its FLUX model config, as in nodes/comfy_flux_config.py): 2 double + 4 single blocks, width 256.
 COMFY_TINY_SIZES = dict(vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2,
                         depth_single_blocks=4, axes_dim=[16, 56, 56])
 COMFY_TINY_BLOCKS = 6

@@ -4,7 +4,7 @@ A caption always names the object (its shape word) and states any subset of
 the other attribute groups. The words "surface", "pose", "lighting" and
 "background" appear both with their values ("whose surface is blue dots")
 and without them ("with a surface"), so the base model learns them as words,
-as FLUX.1 knows "surface" (DESIGN.md of the project's steering notes, §5).
+as FLUX.1 knows "surface" (docs/results.md, "The world").
 """
 
 from __future__ import annotations
