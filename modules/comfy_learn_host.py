@@ -147,8 +147,7 @@ class ComfyFluxDenoiser:
     def __init__(self, model_patcher, context: torch.Tensor, pooled: torch.Tensor, guidance: Optional[float] = 3.5,
                  *, gradient_checkpointing: bool = True):
         layout = FluxLayout.from_comfy_model(model_patcher)
-        self.num_blocks = layout.num_blocks
-        self.modulation_dim = layout.hidden_size
+        self.layout = layout
         self.patch = LiveTokenModulationPatch()
         self.model_patcher = model_patcher.clone()
         install_patch(self.model_patcher, layout, self.patch)

@@ -79,15 +79,16 @@ class FluxLayout:
 
     # -- the fit check ----------------------------------------------------------------
 
-    def check_delta(self, shape: Sequence[int], name: str) -> None:
+    def check_delta(self, shape: Sequence[int], name: str, what: str = "Concept") -> None:
         """A concept's Δ table must have one row per block of this model's width."""
-        rows, width = tuple(shape)
-        if (rows, width) != (self.num_blocks, self.hidden_size):
+        if tuple(shape) != (self.num_blocks, self.hidden_size):
+            found = "×".join(str(n) for n in shape) if len(shape) else "a scalar"
             raise ModelMismatchError(
-                f"Concept {name!r} has a Δ table of {rows}×{width}, but this FLUX model has "
+                f"{what} {name!r} has a Δ table of {found}, but this FLUX model has "
                 f"{self.num_double_blocks}+{self.num_single_blocks} = {self.num_blocks} blocks of width "
-                f"{self.hidden_size}: it needs ({self.num_blocks}, {self.hidden_size}). The concept was made for a "
-                f"different base model: re-create it for this one."
+                f"{self.hidden_size}: it needs ({self.num_blocks}, {self.hidden_size}); every Δ for this model must be a "
+                f"({self.num_blocks}, {self.hidden_size}) tensor. The concept was made for a different base model: "
+                f"re-create it for this one."
             )
 
     def check_adapter(self, config, name: str) -> None:

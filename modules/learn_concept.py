@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .errors import ModAdapterError
 from .flow_matching import flow_matching_pair
+from .flux_layout import FluxLayout
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Denoiser(Protocol):
             latent space (what the transformer denoises, after the VAE's
             shift/scale), on ``device``;
         sigma: (B,) float32 noise levels in [0, 1] (the transformer's timestep);
-        deltas: one (num_blocks, modulation_dim) float32 tensor per concept,
+        deltas: one (layout.num_blocks, layout.hidden_size) float32 tensor per concept,
             which may require grad: gradients must flow back to it;
         token_positions: per concept, its token indices in the caption's text
             sequence as the host encoded it.
@@ -137,8 +138,7 @@ class Denoiser(Protocol):
         freeze them and check that none receives a gradient.
     """
 
-    num_blocks: int
-    modulation_dim: int
+    layout: FluxLayout  # the model's blocks and width: the shape every Δ table must have
     device: torch.device
 
     def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
@@ -197,14 +197,12 @@ def _check_positions(positions: Sequence[Sequence[int]], words: Sequence[str]) -
     return checked
 
 
-def _check_deltas(deltas: Sequence[torch.Tensor], num_blocks: int, width: int, what: str, words: Sequence[str]) -> None:
+def _check_deltas(deltas: Sequence[torch.Tensor], layout: FluxLayout, what: str, words: Sequence[str]) -> None:
     for word, delta in zip(words, deltas):
-        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (num_blocks, width):
-            raise ModAdapterError(
-                f"{what} for {word!r} must be a ({num_blocks}, {width}) tensor for this model, "
-                f"got {getattr(delta, 'shape', type(delta).__name__)}. A concept made for another base model "
-                f"cannot be used here."
-            )
+        if not isinstance(delta, torch.Tensor):
+            raise ModAdapterError(f"{what} for {word!r} must be a ({layout.num_blocks}, {layout.hidden_size}) tensor, "
+                                  f"got {type(delta).__name__}")
+        layout.check_delta(delta.shape, word, what=f"{what} for")  # the one fit rule of every host
         if not bool(torch.isfinite(delta).all()):
             raise ModAdapterError(f"{what} for {word!r} contains NaN or infinite values")
 
@@ -271,7 +269,7 @@ def learn_concepts(
     config = config or LearnConfig()
     config.validate()
     if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, num_blocks, modulation_dim, "
+        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, layout, "
                         f"device), got {type(denoiser).__name__}")
     if words is None:
         words = [f"concept {k + 1}" for k in range(len(positions))]
@@ -287,13 +285,14 @@ def learn_concepts(
         if flipped_latents.shape != latents.shape:
             raise ModAdapterError(f"flipped_latents has shape {tuple(flipped_latents.shape)}, latents "
                                   f"{tuple(latents.shape)}: give one flipped encoding per image")
-    num_blocks, width, device = int(denoiser.num_blocks), int(denoiser.modulation_dim), torch.device(denoiser.device)
+    layout, device = denoiser.layout, torch.device(denoiser.device)
+    num_blocks, width = layout.num_blocks, layout.hidden_size
     num_concepts = len(words)
     if init is not None:
         if len(init) != num_concepts:
             raise ModAdapterError(f"init has {len(init)} entries for {num_concepts} concept words")
         given = [(w, d) for w, d in zip(words, init) if d is not None]
-        _check_deltas([d for _, d in given], num_blocks, width, "The starting Δ", [w for w, _ in given])
+        _check_deltas([d for _, d in given], layout, "The starting Δ", [w for w, _ in given])
 
     start = torch.zeros(num_concepts, num_blocks, width)
     if init is not None:
@@ -410,7 +409,7 @@ def evaluate_loss(
     else:
         if len(deltas) != len(positions):
             raise ModAdapterError(f"{len(deltas)} Δ tables but {len(positions)} position lists were given")
-        _check_deltas(deltas, int(denoiser.num_blocks), int(denoiser.modulation_dim), "Δ", words)
+        _check_deltas(deltas, denoiser.layout, "Δ", words)
         positions = _check_positions(positions, words)
     device = torch.device(denoiser.device)
     clean = latents.detach().to(device=device, dtype=torch.float32).clone()

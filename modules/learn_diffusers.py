@@ -61,9 +61,7 @@ class DiffusersDenoiser:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
         self.host = DiffusersFluxConcepts(transformer)
-        self.num_blocks = self.host.num_blocks
-        self.num_double_blocks = self.host.num_double_blocks
-        self.modulation_dim = self.host.width
+        self.layout = self.host.layout
         self.prompt_embeds = prompt_embeds.detach().to(self.device, self.dtype)
         self.pooled_prompt_embeds = pooled_prompt_embeds.detach().to(self.device, self.dtype)
         # Schnell has no guidance embedding: passing a guidance value would be ignored at best.
@@ -274,7 +272,7 @@ def learn_concept_files(
                                           num_draws=eval_draws)
                 eval_without = evaluate_loss(denoiser, latents, None, positions, seed=config.seed,
                                              num_draws=eval_draws)
-            num_double_blocks = denoiser.num_double_blocks
+            num_double_blocks = denoiser.layout.num_double_blocks
     finally:
         if bar is not None:
             bar.close()

@@ -24,12 +24,14 @@ from mod_adapter.modules.learn_concept import (
     sample_sigmas,
 )
 from mod_adapter.modules.flow_matching import flow_matching_pair
+from mod_adapter.modules.flux_layout import FluxLayout
 from mod_adapter.modules.flux_diffusers import fit_image, latent_image_ids, pack_latents, unpack_latents
 from mod_adapter.modules.learn_diffusers import DiffusersDenoiser, load_concept_images, plan_output_paths
 
 from tiny_flux import tiny_diffusers_flux
 
 NUM_BLOCKS, WIDTH = 6, 128
+LAYOUT = FluxLayout(2, 4, WIDTH)  # tiny_diffusers_flux: 2 double + 4 single blocks
 POSITIONS = [[3, 4]]
 # Enough steps and a large enough rate for the tiny random model to move clearly
 # (held-out loss about 0.72 × the loss without the concept; the test asks for < 0.9).
@@ -97,7 +99,7 @@ def test_stage_one_learns_one_global_direction_and_stage_two_per_block_offsets(d
 
 def test_evaluation_draws_differ_from_the_training_draws(latents):
     class Recorder:
-        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+        layout, device = LAYOUT, torch.device("cpu")
 
         def __init__(self):
             self.seen = []
@@ -195,7 +197,7 @@ def test_a_host_that_leaks_gradients_into_the_model_is_caught(latents):
     weight = torch.nn.Parameter(torch.ones(()))
 
     class LeakyDenoiser:
-        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+        layout, device = LAYOUT, torch.device("cpu")
 
         def velocity(self, noisy, sigma, deltas, positions):
             weight.requires_grad_(True)  # a broken host re-enables training of the model
@@ -213,7 +215,7 @@ class _BreaksAtStep:
 
     def __init__(self, inner, step):
         self.inner, self.step, self.calls = inner, step, 0
-        self.num_blocks, self.modulation_dim, self.device = inner.num_blocks, inner.modulation_dim, inner.device
+        self.layout, self.device = inner.layout, inner.device
 
     def velocity(self, *args):
         self.calls += 1
@@ -245,7 +247,7 @@ def test_should_stop_ends_the_run_early(denoiser, latents):
 
 def test_flow_matching_convention_matches_an_oracle(latents):
     class Oracle:  # knows x0, so its velocity (x_σ − x0)/σ is exactly ε − x0
-        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+        layout, device = LAYOUT, torch.device("cpu")
 
         def velocity(self, noisy, sigma, deltas, positions):
             return (noisy - latents) / sigma.view(-1, 1, 1, 1)
@@ -272,7 +274,7 @@ def test_timesteps_follow_the_tokenverse_stage_ranges():
 
 def test_flip_augmentation_uses_the_flipped_encodings(latents):
     class NearlyClean:  # with σ ≈ 0 the noisy latent is the (possibly flipped) clean one
-        num_blocks, modulation_dim, device = NUM_BLOCKS, WIDTH, torch.device("cpu")
+        layout, device = LAYOUT, torch.device("cpu")
 
         def __init__(self):
             self.seen = []
