@@ -18,6 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .concept_file import word_file_stem
+from .devices import resolve_device
 from .diffusers_flux_host import DiffusersFluxConcepts
 from .dtypes import resolve_dtype
 from .errors import ModAdapterError
@@ -169,14 +170,7 @@ class LearnFilesReport:
 
 
 def resolve_device_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved_device = torch.device(device)
-    except RuntimeError:
-        raise ModAdapterError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps or auto") from None
-    if resolved_device.type == "cuda" and not torch.cuda.is_available():
-        raise ModAdapterError(f"Device {device!r} asked for, but this torch has no CUDA GPU; use --device cpu")
+    resolved_device = resolve_device(device)
     return resolved_device, resolve_dtype(dtype, resolved_device)
 
 

@@ -1,4 +1,4 @@
-"""One dtype resolver for every option, setting and loader of the pack."""
+"""One dtype resolver for every option, setting and loader of the pack, and one device rule for the library."""
 
 import pytest
 import torch
@@ -26,3 +26,22 @@ def test_unknown_names_say_what_to_use():
 
     with pytest.raises(LoaderError, match=r"unknown weights dtype 'fp8'; use one of bf16, .* or auto"):
         resolve_dtype("fp8", what="weights dtype", error_cls=LoaderError)
+
+
+def test_one_device_rule_for_auto_and_for_a_device_that_is_not_there():
+    from mod_adapter.modules.devices import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == resolve_device(None).type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModAdapterError, match="Unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModAdapterError, match="no CUDA GPU.*--device cpu"):
+            resolve_device("cuda:1")
+
+    class OwnError(Exception):
+        pass
+
+    with pytest.raises(OwnError):
+        resolve_device("gpu0", error_cls=OwnError)

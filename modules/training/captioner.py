@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..devices import resolve_device
 from ..dtypes import resolve_dtype
 from ..errors import ModAdapterError
 from .manifest import (
@@ -127,15 +128,12 @@ class VLMCaptioner:
         bfloat16 on CUDA, float32 on CPU. Nothing is downloaded: fetch the
         model first (``huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct``).
         """
-        import torch
-
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
         except ImportError as e:
             raise CaptionerError(f"captioning needs transformers with AutoModelForImageTextToText ({e}); "
                                  "pip install -U transformers") from None
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device, error_cls=CaptionerError)
         dtype = resolve_dtype(dtype, device, error_cls=CaptionerError)
         try:
             processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)

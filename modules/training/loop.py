@@ -69,6 +69,7 @@ from ..adapter import ModAdapter
 from ..atomic_file import atomic_replace
 from ..checkpoint import load_adapter_checkpoint, save_adapter_checkpoint
 from ..curve_plot import Panel, loss_panel, render_panels
+from ..devices import resolve_device
 from ..dtypes import auto_dtype
 from ..errors import ModAdapterError
 from .state import (
@@ -197,18 +198,12 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if device == "auto":
-        use_cuda = torch.cuda.is_available()
-    elif device == "cpu":
-        use_cuda = False
-    elif device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModAdapterError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
-        use_cuda = True
-    else:
-        raise ModAdapterError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if use_cuda:
-        index = local_rank if world_size > 1 or ":" not in device else int(device.split(":", 1)[1])
+    resolved = resolve_device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModAdapterError(f"--device must be auto, cpu, cuda or cuda:N for training, got {device!r}")
+    if resolved.type == "cuda":
+        # under torchrun each rank takes its own GPU; a single process takes the one named (or the first)
+        index = local_rank if world_size > 1 or resolved.index is None else resolved.index
         torch.cuda.set_device(index)
         chosen = torch.device("cuda", index)
     else:
@@ -222,7 +217,7 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
                     f"(e.g. `torchrun --nproc-per-node 8 -m mod_adapter.cli train ...`)"
                 )
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+            dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo", init_method="env://",
                                     world_size=world_size, rank=rank)
             ctx.initialized_here = True
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
