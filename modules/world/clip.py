@@ -34,6 +34,7 @@ from .judge import images_to_tensor
 from .paths import IMAGE_ENCODER_NAME
 from .scene import render
 from .split import TRAIN, random_scene
+from .streams import Stream, world_rng
 
 CLIP_FORMAT = "mod-adapter-world-clip"
 IMAGE_SIZE = 64
@@ -137,8 +138,8 @@ class ClipTask(TrainingTask):
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         scenes, texts, modes = [], [], []
         for _, index in items:
-            rng = np.random.default_rng([self.seed, index, step, 2])  # a new caption each time a scene comes back
-            scene = random_scene(np.random.default_rng([self.seed, index, 2]), TRAIN)
+            rng = world_rng(Stream.CLIP, self.seed, index, step)  # a new caption each time a scene comes back
+            scene = random_scene(world_rng(Stream.CLIP, self.seed, index), TRAIN)
             scene_modes = random_modes(rng)
             scenes.append(scene)
             modes.append(scene_modes)

@@ -25,6 +25,7 @@ import numpy as np
 from .captions import ABSENT, GROUPS, STATED, WORD_ONLY, caption, describe
 from .scene import CONCEPT_ATTRIBUTES, Scene, render
 from .split import TRAIN, random_scene
+from .streams import Stream, world_rng
 
 CONCEPT_KINDS = ("object", "surface", "pose", "lighting", "background")
 
@@ -75,7 +76,7 @@ def pairs(seed: int, count: int, split: Optional[str] = TRAIN,
           kinds: Tuple[str, ...] = CONCEPT_KINDS) -> Iterator[Pair]:
     """``count`` pairs, the kinds in turn, both scenes in ``split``; the same for the same seed."""
     for index in range(count):
-        rng = np.random.default_rng([seed, index, 5])
+        rng = world_rng(Stream.PAIRS, seed, index)
         kind = kinds[index % len(kinds)]
         concept = random_scene(rng, split)
         yield Pair(kind, concept, target_for(concept, kind, rng, split))

@@ -35,6 +35,7 @@ from .captions import ABSENT, GROUPS, STATED, WORD_ONLY, caption, describe, full
 from .pairs import concept_word
 from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene
 from .split import EVAL, random_scene
+from .streams import Stream, world_rng
 
 # Concept kinds per test set: single concepts of each kind, and multi-concept sets that mix an object (or a
 # surface, which an object would contradict) with abstract concepts.
@@ -85,7 +86,7 @@ def make_cases(kind_sets: Sequence[Tuple[str, ...]], count: int, seed: int) -> L
     """``count`` cases per kind set: fresh held-out concept images, a random scene around them."""
     cases = []
     for set_index, kinds in enumerate(kind_sets):
-        rng = np.random.default_rng([seed, set_index, 6])
+        rng = world_rng(Stream.TABLE_CASES, seed, set_index)
         for i in range(count):
             concepts = tuple(random_scene(rng, EVAL) for _ in kinds)
             ideal = random_scene(rng)

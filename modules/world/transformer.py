@@ -35,6 +35,7 @@ from .clip import tokenize as clip_tokenize
 from .sampling import euler_cfg
 from .scene import Scene
 from .split import EVAL, TRAIN, random_scene, scenes as draw_scenes
+from .streams import Stream, world_rng
 from .vae import pixels_of
 
 FLUX_FORMAT = "mod-adapter-world-flux"
@@ -95,7 +96,7 @@ def t5_tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 
 
 def flux_scene_of(seed: int, index: int) -> Scene:
-    return random_scene(np.random.default_rng([seed, index, 3]), TRAIN)
+    return random_scene(world_rng(Stream.FLUX_SCENES, seed, index), TRAIN)
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ class FluxWorldTask(TrainingTask):
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         captions, sigmas, noises = [], [], []
         for slot, index in items:
-            rng = np.random.default_rng([self.seed, index, step, 4])  # a new caption each time a scene comes back
+            rng = world_rng(Stream.FLUX_CAPTIONS, self.seed, index, step)  # a new caption each time a scene comes back
             scene = flux_scene_of(self.seed, index)
             text = "" if rng.random() < EMPTY_CAPTION_RATE else caption(scene, random_modes(rng), rng)
             captions.append(text)

@@ -33,6 +33,7 @@ from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from .judge import images_to_tensor
 from .scene import Scene, object_mask, render
 from .split import TRAIN, random_scene
+from .streams import Stream, world_rng
 
 VAE_FORMAT = "mod-adapter-world-vae"
 IMAGE_SIZE = 64
@@ -72,7 +73,7 @@ def build_vae(config: Dict[str, Any] = VAE_CONFIG):
 
 def vae_scene_of(seed: int, index: int) -> Scene:
     """Scene ``index`` of the VAE's training set (training split only): the same on every machine and resume."""
-    return random_scene(np.random.default_rng([seed, index, 1]), TRAIN)
+    return random_scene(world_rng(Stream.VAE_SCENES, seed, index), TRAIN)
 
 
 def pixels_of(scenes: Sequence[Scene]) -> torch.Tensor:
