@@ -45,6 +45,22 @@ REQUIRED_METADATA = ("format", "format_version", "config", "router", "base_model
 _JSON_METADATA = ("config", "router", "image_encoder", "training")
 
 
+@dataclass(frozen=True)
+class AdapterHeader:
+    """A checkpoint's validated header (read once, without the weights): what a loader needs to decide how to
+    load it (:attr:`weight_dtype`), and what :func:`load_adapter_checkpoint` then reuses."""
+
+    path: str
+    metadata: Dict[str, str]  # as stored
+    parsed: Dict[str, Any]  # the metadata's JSON fields parsed, the config as a ModAdapterConfig
+    tensors: Dict[str, Tuple[str, Tuple[int, ...]]]  # name: (dtype as in the header, shape)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """What the weights load as unless a dtype is asked for (the router centroids aside)."""
+        return _stored_weight_dtype(d for name, (d, _) in self.tensors.items() if name != ROUTER_BUFFER)
+
+
 @dataclass
 class LoadedAdapter:
     adapter: ModAdapter  # in eval mode
@@ -181,7 +197,8 @@ def _validate_against_weights(path, parsed: Dict[str, Any], shapes: Dict[str, Tu
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
-def _read_and_validate_header(path):
+def read_adapter_header(path) -> AdapterHeader:
+    """The checkpoint's header, fully validated (format, keys, shapes, dtypes, contradictions); no weights read."""
     metadata, tensors = read_safetensors_header(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError)
     parsed = _parse_metadata(path, metadata)
     shapes = {name: tuple(shape) for name, (_, shape) in tensors.items()}
@@ -191,7 +208,7 @@ def _read_and_validate_header(path):
             raise _error(path, f"tensor {name!r} is stored as {dtype} ({kind}); the adapter format holds F32, F16 or "
                                f"BF16 weights only: re-save the checkpoint in one of those")
     _validate_against_weights(path, parsed, shapes)
-    return parsed, tensors
+    return AdapterHeader(os.fspath(path), metadata, parsed, tensors)
 
 
 def read_adapter_info(path) -> Dict[str, Any]:
@@ -200,7 +217,8 @@ def read_adapter_info(path) -> Dict[str, Any]:
     The header is fully validated (format, keys, shapes, contradictions);
     NaN/Inf values are only found by :func:`load_adapter_checkpoint`.
     """
-    parsed, tensors = _read_and_validate_header(path)
+    header = read_adapter_header(path)
+    parsed, tensors = header.parsed, header.tensors
     bytes_by_dtype: Dict[str, int] = {}
     for dtype, shape in tensors.values():
         bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + math.prod(shape) * DTYPE_SIZES[dtype]
@@ -213,7 +231,7 @@ def read_adapter_info(path) -> Dict[str, Any]:
         parameter_count=_count_parameters({n: s for n, (_, s) in tensors.items()}),
         bytes_by_dtype=bytes_by_dtype,
         # "bfloat16", "float16" or "float32": what the weights load as unless a dtype is asked for
-        weight_dtype=str(_stored_weight_dtype(d for name, (d, _) in tensors.items() if name != ROUTER_BUFFER)).split(".")[-1],
+        weight_dtype=str(header.weight_dtype).split(".")[-1],
     )
     return info
 
@@ -279,15 +297,19 @@ def save_adapter_checkpoint(
 
 
 def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] = None,
-                            operations=torch.nn) -> LoadedAdapter:
+                            operations=torch.nn, header: Optional[AdapterHeader] = None) -> LoadedAdapter:
     """Load and validate a checkpoint; the adapter comes back in eval mode.
 
     dtype: the weights' dtype (None = as stored). The router centroids stay float32.
     operations: what builds the layers (see :class:`ModAdapter`; ComfyUI passes one of comfy.ops).
+    header: :func:`read_adapter_header` of this file, when the caller read it already (it is not read again).
     """
-    parsed, header_tensors = _read_and_validate_header(path)
+    if header is None or header.path != os.fspath(path):
+        header = read_adapter_header(path)
+    parsed = header.parsed
     config: ModAdapterConfig = parsed["config"]
-    tensors, _ = load_safetensors_checked(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError, device=device)
+    tensors, _ = load_safetensors_checked(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError, device=device,
+                                          header=(header.metadata, header.tensors))
     if dtype is None:
         dtype = _stored_weight_dtype(t.dtype for name, t in tensors.items() if name != ROUTER_BUFFER)
     for name in list(tensors):

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import struct
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -278,16 +278,17 @@ def _nonfinite_count(tensor: torch.Tensor) -> int:
 
 
 def load_safetensors_checked(
-    path, *, kind: str, error_cls: Type[ModAdapterError], device="cpu"
+    path, *, kind: str, error_cls: Type[ModAdapterError], device="cpu",
+    header: Optional[Tuple[Dict[str, str], HeaderTensors]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Load every tensor of a validated safetensors file; return ``(tensors, metadata)``.
 
-    The header is validated first (see :func:`read_safetensors_header`); then the
-    safetensors library loads the data; then every floating tensor is checked
-    for NaN/Inf, naming the first tensor that has any.
+    The header is validated first (see :func:`read_safetensors_header`; ``header``: what that returned for this
+    file, when the caller has read it already); then the safetensors library loads the data; then every floating
+    tensor is checked for NaN/Inf, naming the first tensor that has any.
     """
     path = os.fspath(path)
-    metadata, header_tensors = _parse_header(path, kind, error_cls)
+    metadata, header_tensors = header if header is not None else _parse_header(path, kind, error_cls)
     refuse = _Refuser(path, kind, error_cls)
     # Imported here so that merely importing this module stays cheap.
     from safetensors import SafetensorError

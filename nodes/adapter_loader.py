@@ -9,8 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..modules.checkpoint import load_adapter_checkpoint, read_adapter_info
-from ..modules.dtypes import resolve_dtype
+from ..modules.checkpoint import load_adapter_checkpoint, read_adapter_header
 from .model_folders import ADAPTER_FOLDER, missing_file_error
 from .sockets import CATEGORY, ModAdapterSocket
 
@@ -24,9 +23,9 @@ class AdapterRunner:
         # The weights stay in the dtype they were saved in (bf16: 3.2 GB for the paper's adapter, not 6.7 GB
         # of float32); layers from comfy.ops cast them to the compute dtype per forward, as ComfyUI runs its
         # own models, and let it load the adapter partially when VRAM is short.
-        weight_dtype = resolve_dtype(read_adapter_info(path)["weight_dtype"])
-        operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=load_device)
-        loaded = load_adapter_checkpoint(path, device="cpu", operations=operations)
+        header = read_adapter_header(path)  # read once: it says the weights' dtype, and the loader reuses it
+        operations = comfy.ops.pick_operations(header.weight_dtype, compute_dtype, load_device=load_device)
+        loaded = load_adapter_checkpoint(path, device="cpu", operations=operations, header=header)
         self.compute_dtype = compute_dtype
         self.adapter = loaded.adapter
         self.config = loaded.config

@@ -220,3 +220,19 @@ def test_weights_outside_the_documented_dtypes_are_refused_by_name(saved, dtype,
     path, _ = saved
     _rewrite(path, tensors=lambda state: state.update({k: v.to(dtype) for k, v in state.items() if k != "router_centroids"}))
     _expect_refusal(path, rf"is stored as \w+ \({kind}\); the adapter format holds F32, F16 or BF16 weights only")
+
+
+def test_a_load_reads_the_header_once_and_a_header_read_first_is_reused(saved, monkeypatch):
+    # the Loader node reads the header to pick ComfyUI's ops for the stored dtype, then loads: one parse in all
+    from mod_adapter.modules import safetensors_io
+
+    path, _ = saved
+    parses = []
+    original = safetensors_io._parse_header
+    monkeypatch.setattr(safetensors_io, "_parse_header", lambda *a: parses.append(a[0]) or original(*a))
+    load_adapter_checkpoint(path)
+    assert len(parses) == 1
+    header = checkpoint_module.read_adapter_header(path)
+    assert header.weight_dtype == torch.float32 and len(parses) == 2
+    loaded = load_adapter_checkpoint(path, header=header)
+    assert len(parses) == 2 and loaded.config == header.parsed["config"]
