@@ -232,6 +232,68 @@ class _FrozenModel:
             p.requires_grad_(flag)
 
 
+def _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init) -> Tuple[List[str], List[List[int]]]:
+    """learn_concepts' inputs, checked: (the words, named if not given; the positions)."""
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, layout, "
+                        f"device), got {type(denoiser).__name__}")
+    if words is None:
+        words = [f"concept {k + 1}" for k in range(len(positions))]
+    words = list(words)
+    if len(positions) == 0:
+        raise ModAdapterError("Give at least one concept word to learn")
+    if len(words) != len(positions):
+        raise ModAdapterError(f"{len(words)} words but {len(positions)} position lists were given")
+    positions = _check_positions(positions, words)
+    _check_latents(latents)
+    if flipped_latents is not None:
+        _check_latents(flipped_latents, "flipped_latents")
+        if flipped_latents.shape != latents.shape:
+            raise ModAdapterError(f"flipped_latents has shape {tuple(flipped_latents.shape)}, latents "
+                                  f"{tuple(latents.shape)}: give one flipped encoding per image")
+    if init is not None:
+        if len(init) != len(words):
+            raise ModAdapterError(f"init has {len(init)} entries for {len(words)} concept words")
+        given = [(w, d) for w, d in zip(words, init) if d is not None]
+        _check_deltas([d for _, d in given], denoiser.layout, "The starting Δ", [w for w, _ in given])
+    return words, positions
+
+
+def _starting_directions(init, num_concepts: int, layout: FluxLayout,
+                         device: torch.device) -> Tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(global directions (K, D), per-block offsets (K, blocks, D), frozen until stage 2) that add up to ``init``
+    (zero where it gives None)."""
+    start = torch.zeros(num_concepts, layout.num_blocks, layout.hidden_size)
+    if init is not None:
+        for k, delta in enumerate(init):
+            if delta is not None:
+                start[k] = delta.detach().float().cpu()
+    start_global = start.mean(dim=1)  # (K, D)
+    global_directions = torch.nn.Parameter(start_global.to(device))
+    block_offsets = torch.nn.Parameter((start - start_global[:, None]).to(device), requires_grad=False)
+    return global_directions, block_offsets
+
+
+def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: bool, clean: torch.Tensor,
+                    flipped: Optional[torch.Tensor],
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's (x_σ, σ, target v): images drawn with replacement, σ from the stage's range, flips, noise (in
+    this order from ``generator``, so that a seed gives the same run on every device)."""
+    batch = config.batch_size
+    image_index = torch.randint(clean.shape[0], (batch,), generator=generator)
+    sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
+                          config.range_probability, config.min_sigma)
+    flip = (torch.rand(batch, generator=generator) < config.flip_probability).tolist()
+    noise = torch.randn((batch, *clean.shape[1:]), generator=generator).to(device)
+    x0 = clean[image_index.to(device)]
+    for b, (i, do_flip) in enumerate(zip(image_index.tolist(), flip)):
+        if do_flip:
+            x0[b] = flipped[i] if flipped is not None else clean[i].flip(-1)
+    sigma = sigma.to(device)
+    noisy, target = flow_matching_pair(x0, noise, sigma)
+    return noisy, sigma, target
+
+
 def learn_concepts(
     denoiser: Denoiser,
     latents: torch.Tensor,
@@ -268,46 +330,15 @@ def learn_concepts(
     """
     config = config or LearnConfig()
     config.validate()
-    if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, layout, "
-                        f"device), got {type(denoiser).__name__}")
-    if words is None:
-        words = [f"concept {k + 1}" for k in range(len(positions))]
-    words = list(words)
-    if len(positions) == 0:
-        raise ModAdapterError("Give at least one concept word to learn")
-    if len(words) != len(positions):
-        raise ModAdapterError(f"{len(words)} words but {len(positions)} position lists were given")
-    positions = _check_positions(positions, words)
-    _check_latents(latents)
-    if flipped_latents is not None:
-        _check_latents(flipped_latents, "flipped_latents")
-        if flipped_latents.shape != latents.shape:
-            raise ModAdapterError(f"flipped_latents has shape {tuple(flipped_latents.shape)}, latents "
-                                  f"{tuple(latents.shape)}: give one flipped encoding per image")
-    layout, device = denoiser.layout, torch.device(denoiser.device)
-    num_blocks, width = layout.num_blocks, layout.hidden_size
+    words, positions = _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init)
+    device = torch.device(denoiser.device)
     num_concepts = len(words)
-    if init is not None:
-        if len(init) != num_concepts:
-            raise ModAdapterError(f"init has {len(init)} entries for {num_concepts} concept words")
-        given = [(w, d) for w, d in zip(words, init) if d is not None]
-        _check_deltas([d for _, d in given], layout, "The starting Δ", [w for w, _ in given])
-
-    start = torch.zeros(num_concepts, num_blocks, width)
-    if init is not None:
-        for k, delta in enumerate(init):
-            if delta is not None:
-                start[k] = delta.detach().float().cpu()
-    start_global = start.mean(dim=1)  # (K, D)
-    global_directions = torch.nn.Parameter(start_global.to(device))
-    block_offsets = torch.nn.Parameter((start - start_global[:, None]).to(device), requires_grad=False)
+    global_directions, block_offsets = _starting_directions(init, num_concepts, denoiser.layout, device)
     optimizer = torch.optim.Adam([global_directions], lr=config.lr)
 
     # Copies: a host may hand over inference-mode tensors (ComfyUI), which autograd must not see.
     clean = latents.detach().to(device=device, dtype=torch.float32).clone()
     flipped = None if flipped_latents is None else flipped_latents.detach().to(device=device, dtype=torch.float32).clone()
-    num_images = clean.shape[0]
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
 
     result = LearnResult(deltas=[], words=words)
@@ -322,21 +353,9 @@ def learn_concepts(
                 optimizer.add_param_group({"params": [block_offsets],
                                            "lr": config.offset_lr if config.offset_lr is not None else config.lr})
 
-            batch = config.batch_size
-            image_index = torch.randint(num_images, (batch,), generator=generator)
-            sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
-                                  config.range_probability, config.min_sigma)
-            flip = (torch.rand(batch, generator=generator) < config.flip_probability).tolist()
-            noise = torch.randn((batch, *clean.shape[1:]), generator=generator).to(device)
-
-            x0 = clean[image_index.to(device)]
-            for b, (i, do_flip) in enumerate(zip(image_index.tolist(), flip)):
-                if do_flip:
-                    x0[b] = flipped[i] if flipped is not None else clean[i].flip(-1)
-            noisy, target = flow_matching_pair(x0, noise, sigma.to(device))
-
+            noisy, sigma, target = _training_batch(generator, config, in_stage1, clean, flipped, device)
             deltas = [global_directions[k][None, :] + block_offsets[k] for k in range(num_concepts)]
-            prediction = denoiser.velocity(noisy, sigma.to(device), deltas, positions)
+            prediction = denoiser.velocity(noisy, sigma, deltas, positions)
             loss = F.mse_loss(prediction.float(), target)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):

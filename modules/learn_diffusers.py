@@ -174,6 +174,39 @@ def resolve_device_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.d
     return resolved_device, resolve_dtype(dtype, resolved_device)
 
 
+def _check_request(words: Sequence[str], caption: str, max_sequence_length: int) -> List[str]:
+    """What a user can get wrong in the words, the caption and the text length; the words, stripped."""
+    words = [w.strip() for w in words]
+    if not words or not all(words):
+        raise ModAdapterError("Give at least one concept word (--word), e.g. --word dog")
+    if not caption or not caption.strip():
+        raise ModAdapterError("Give the caption of the concept image(s) (--caption), containing every --word")
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not 16 <= max_sequence_length <= 512:
+        raise ModAdapterError(f"max_sequence_length must be between 16 and 512 T5 tokens, got {max_sequence_length!r}")
+    return words
+
+
+def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.device, caption: str,
+                                     max_sequence_length: int, pixels: torch.Tensor, gradient_checkpointing: bool):
+    """Encode the caption and the images (and their mirror images) once, then free the text encoders and the VAE:
+    (the frozen transformer on ``device``, T5 embeddings, pooled CLIP, latents, flipped latents)."""
+    pipe = load_flux_pipeline(source, dtype)
+    prompt_embeds, pooled = encode_caption(pipe, caption, device, max_sequence_length)
+    pipe.vae.to(device)
+    latents = vae_encode(pipe.vae, pixels, device, one_at_a_time=True).cpu()
+    flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), device, one_at_a_time=True).cpu()
+    transformer = pipe.transformer
+    del pipe  # the text encoders and the VAE are not needed any more
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    transformer.to(device)
+    transformer.requires_grad_(False)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, prompt_embeds, pooled, latents, flipped_latents
+
+
 def learn_concept_files(
     flux: str,
     images: Sequence[str],
@@ -208,13 +241,7 @@ def learn_concept_files(
 
     config = config or LearnConfig()
     config.validate()
-    words = [w.strip() for w in words]
-    if not words or not all(words):
-        raise ModAdapterError("Give at least one concept word (--word), e.g. --word dog")
-    if not caption or not caption.strip():
-        raise ModAdapterError("Give the caption of the concept image(s) (--caption), containing every --word")
-    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not 16 <= max_sequence_length <= 512:
-        raise ModAdapterError(f"max_sequence_length must be between 16 and 512 T5 tokens, got {max_sequence_length!r}")
+    words = _check_request(words, caption, max_sequence_length)
     paths = plan_output_paths(out, words, overwrite=overwrite)
     run_device, run_dtype = resolve_device_dtype(device, dtype)
     source = resolve_flux_source(flux, components)
@@ -230,20 +257,8 @@ def learn_concept_files(
         log(f"word {word!r}: T5 tokens {pos}")
 
     log(f"loading FLUX.1 from {source.transformer_file or source.components} ({run_dtype}, {run_device})")
-    pipe = load_flux_pipeline(source, run_dtype)
-    prompt_embeds, pooled = encode_caption(pipe, caption, run_device, max_sequence_length)
-    pipe.vae.to(run_device)
-    latents = vae_encode(pipe.vae, pixels, run_device, one_at_a_time=True).cpu()
-    flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), run_device, one_at_a_time=True).cpu()
-    transformer = pipe.transformer
-    del pipe  # the text encoders and the VAE are not needed any more
-    gc.collect()
-    if run_device.type == "cuda":
-        torch.cuda.empty_cache()
-    transformer.to(run_device)
-    transformer.requires_grad_(False)
-    if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    transformer, prompt_embeds, pooled, latents, flipped_latents = _encode_and_keep_the_transformer(
+        source, run_dtype, run_device, caption, max_sequence_length, pixels, gradient_checkpointing)
 
     bar = None
     if show_progress:
@@ -280,23 +295,14 @@ def learn_concept_files(
             f"{eval_without:.5f} without ({change:+.1f}%)")
 
     learned_source = {
-        "kind": "learned",
-        "method": "tokenverse",
-        "steps": result.steps_done,
-        "stage1_steps": min(config.stage1_steps, result.steps_done),
-        "images": len(images),
-        "image_files": [os.path.basename(p) for p in images],
-        "caption": caption,
-        "words": words,
-        "lr": config.lr,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "resolution": resolution,
+        "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
+        "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
+        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": config.lr,
+        "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
         "flux": os.path.basename(os.path.normpath(flux)),
     }
     if eval_loss is not None:
-        learned_source["eval_loss"] = round(eval_loss, 6)
-        learned_source["eval_loss_without"] = round(eval_without, 6)
+        learned_source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
     concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]
     for path, concept in zip(paths, concepts):
         parent = os.path.dirname(path)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..training.image_encoder import clip_preprocess
-from ..training.loop import TrainingTask
 from .captions import caption, consistent, random_modes
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from .judge import images_to_tensor
+from .model_task import WorldModelTask
 from .paths import IMAGE_ENCODER_NAME
 from .scene import render
 from .split import TRAIN, random_scene
@@ -120,20 +120,12 @@ def soft_targets(matches: torch.Tensor) -> torch.Tensor:
     return matches / matches.sum(dim=1, keepdim=True)
 
 
-class ClipTask(TrainingTask):
-    stage = "world-clip"
-    weights_file = "clip.safetensors"
-    ema_weights_file = "clip-ema.safetensors"
+class ClipTask(WorldModelTask):
+    name = "clip"
 
     def __init__(self, clip: WorldClip, tokenizer, *, seed: int, dataset_size: int, device: torch.device):
-        self.clip = clip.to(device)
+        super().__init__(clip, seed=seed, dataset_size=dataset_size, device=device)
         self.tokenizer = tokenizer
-        self.seed, self.dataset_size, self.device = seed, dataset_size, device
-        self.dataset_fingerprint = f"world-train-split/clip/seed={seed}/n={dataset_size}"
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.clip
 
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         scenes, texts, modes = [], [], []
@@ -158,17 +150,14 @@ class ClipTask(TrainingTask):
         image_to_text = F.cross_entropy(logits.t(), soft_targets(matches.t()), reduction="none")
         return 0.5 * (text_to_image + image_to_text)
 
-    def checkpoint_metadata(self) -> Dict[str, Any]:
-        return {"training": {}}
-
     def run_settings(self) -> Dict[str, Any]:
         return {name: json.dumps(config, sort_keys=True) for name, config in _CONFIGS.items()}
 
-    def save_weights(self, path: str, summary: Dict[str, Any]) -> None:
-        save_world_clip(path, self.clip, summary)
+    def save_model(self, path: str, model: torch.nn.Module, summary: Dict[str, Any]) -> None:
+        save_world_clip(path, model, summary)
 
-    def load_weights(self, path: str) -> Dict[str, torch.Tensor]:
-        return load_world_clip(path).state_dict()
+    def load_model(self, path: str) -> torch.nn.Module:
+        return load_world_clip(path)
 
 
 def save_world_clip(path: str, clip: WorldClip, summary: Dict[str, Any]) -> None:

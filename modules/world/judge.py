@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import ModAdapterError
 from ..safetensors_io import load_safetensors_checked, save_safetensors
-from ..training.loop import TrainingTask, sample_generator
+from ..training.loop import sample_generator
+from .model_task import WorldModelTask
 from .scene import ATTRIBUTES, Scene, render
 from .split import random_scene
 
@@ -99,21 +100,14 @@ def judge_dataset_fingerprint(seed: int, dataset_size: int) -> str:
     return f"world-all-combinations/seed={seed}/n={dataset_size}"
 
 
-class JudgeTask(TrainingTask):
+class JudgeTask(WorldModelTask):
     """The judge as a task of the pack's training loop: the samples are rendered on the fly."""
 
-    stage = "world-judge"
-    weights_file = "judge.safetensors"
-    ema_weights_file = "judge-ema.safetensors"
+    name = "judge"
 
     def __init__(self, classifier: AttributeClassifier, *, seed: int, dataset_size: int, device: torch.device):
-        self.classifier = classifier.to(device)
-        self.seed, self.dataset_size, self.device = seed, dataset_size, device
-        self.dataset_fingerprint = judge_dataset_fingerprint(seed, dataset_size)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.classifier
+        super().__init__(classifier, seed=seed, dataset_size=dataset_size, device=device,
+                         dataset_fingerprint=judge_dataset_fingerprint(seed, dataset_size))
 
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         scenes = [scene_of(self.seed, index) for _, index in items]  # items: (slot in the batch, sample index)
@@ -126,17 +120,14 @@ class JudgeTask(TrainingTask):
         logits = model(images.to(self.device))
         return sum(F.cross_entropy(logits[name], labels[name].to(self.device), reduction="none") for name in ATTRIBUTES)
 
-    def checkpoint_metadata(self) -> Dict[str, Any]:
-        return {"training": {}}
-
     def run_settings(self) -> Dict[str, Any]:
-        return {"width": self.classifier.width, "hidden": self.classifier.hidden}
+        return {"width": self.model.width, "hidden": self.model.hidden}
 
-    def save_weights(self, path: str, summary: Dict[str, Any]) -> None:
-        save_judge(path, self.classifier, summary)
+    def save_model(self, path: str, model: torch.nn.Module, summary: Dict[str, Any]) -> None:
+        save_judge(path, model, summary)
 
-    def load_weights(self, path: str) -> Dict[str, torch.Tensor]:
-        return load_judge(path).state_dict()
+    def load_model(self, path: str) -> torch.nn.Module:
+        return load_judge(path)
 
 
 def save_judge(path: str, classifier: AttributeClassifier, summary: Dict[str, Any]) -> None:

@@ -29,9 +29,10 @@ from ..flow_matching import flow_matching_pair
 from ..flux_diffusers import latent_image_ids, pack_latents, unpack_latents, vae_decode, vae_encode
 from ..safetensors_io import load_safetensors_checked, save_safetensors
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
-from ..training.loop import DistributedContext, TrainingTask, sample_generator
+from ..training.loop import DistributedContext, sample_generator
 from .captions import caption, full_caption, random_modes
 from .clip import tokenize as clip_tokenize
+from .model_task import WorldModelTask
 from .sampling import euler_cfg
 from .scene import Scene
 from .split import EVAL, TRAIN, random_scene, scenes as draw_scenes
@@ -148,26 +149,17 @@ def sample_latents(flux: WorldFlux, conditioning: FrozenConditioning, t5_tokeniz
                                                     pooled[count:].expand(count, -1)))
 
 
-class FluxWorldTask(TrainingTask):
-    stage = "world-flux"
-    weights_file = "flux.safetensors"
-    ema_weights_file = "flux-ema.safetensors"
+class FluxWorldTask(WorldModelTask):
+    name = "flux"
 
     def __init__(self, flux: WorldFlux, conditioning: FrozenConditioning, t5_tokenizer, latents: torch.Tensor, *,
                  seed: int, device: torch.device, judge=None, validation_count: int = 32):
-        self.flux = flux.to(device)
+        super().__init__(flux, seed=seed, dataset_size=int(latents.shape[0]), device=device)
         self.conditioning = conditioning
         self.t5_tokenizer = t5_tokenizer
         self.latents = latents
-        self.seed, self.device = seed, device
-        self.dataset_size = int(latents.shape[0])
-        self.dataset_fingerprint = f"world-train-split/flux/seed={seed}/n={self.dataset_size}"
         self.judge = judge
         self.validation_count = validation_count
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.flux
 
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         captions, sigmas, noises = [], [], []
@@ -192,7 +184,7 @@ class FluxWorldTask(TrainingTask):
     def write_validation_images(self, step: int, out_dir: str, ctx: DistributedContext) -> None:
         """Held-out scenes from their full captions: a PNG grid and, with a judge, per-attribute accuracy."""
         scenes = list(draw_scenes(1000, self.validation_count, EVAL))
-        images = generate_images(self.flux, self.conditioning, self.t5_tokenizer, [full_caption(s) for s in scenes],
+        images = generate_images(self.model, self.conditioning, self.t5_tokenizer, [full_caption(s) for s in scenes],
                                  seed=1000)
         from PIL import Image
 
@@ -205,18 +197,15 @@ class FluxWorldTask(TrainingTask):
                 f.write(json.dumps({"step": step, **accuracy}) + "\n")
             ctx.log(f"step {step}: held-out prompt following " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
 
-    def checkpoint_metadata(self) -> Dict[str, Any]:
-        return {"training": {}}
-
     def run_settings(self) -> Dict[str, Any]:
         return {**{name: json.dumps(config, sort_keys=True) for name, config in _CONFIGS.items()},
                 "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
-    def save_weights(self, path: str, summary: Dict[str, Any]) -> None:
-        save_world_flux(path, self.flux, summary)
+    def save_model(self, path: str, model: torch.nn.Module, summary: Dict[str, Any]) -> None:
+        save_world_flux(path, model, summary)
 
-    def load_weights(self, path: str) -> Dict[str, torch.Tensor]:
-        return load_world_flux(path).state_dict()
+    def load_model(self, path: str) -> torch.nn.Module:
+        return load_world_flux(path)
 
 
 @torch.no_grad()

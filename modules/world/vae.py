@@ -28,9 +28,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..training.loop import TrainingTask, sample_generator
+from ..training.loop import sample_generator
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from .judge import images_to_tensor
+from .model_task import WorldModelTask
 from .scene import Scene, object_mask, render
 from .split import TRAIN, random_scene
 from .streams import Stream, world_rng
@@ -88,19 +89,8 @@ def _edge_error(recon: torch.Tensor, pixels: torch.Tensor, weights: torch.Tensor
     return (weights[..., :, 1:] * dx).mean(dim=(1, 2, 3)) + (weights[..., 1:, :] * dy).mean(dim=(1, 2, 3))
 
 
-class VaeTask(TrainingTask):
-    stage = "world-vae"
-    weights_file = "vae.safetensors"
-    ema_weights_file = "vae-ema.safetensors"
-
-    def __init__(self, vae, *, seed: int, dataset_size: int, device: torch.device):
-        self.vae = vae.to(device)
-        self.seed, self.dataset_size, self.device = seed, dataset_size, device
-        self.dataset_fingerprint = f"world-train-split/vae/seed={seed}/n={dataset_size}"
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.vae
+class VaeTask(WorldModelTask):
+    name = "vae"
 
     def load_items(self, items: List[Tuple[int, int]], step: int) -> Any:
         scenes = [vae_scene_of(self.seed, index) for _, index in items]
@@ -123,17 +113,14 @@ class VaeTask(TrainingTask):
         return (reconstruction / weights.mean(dim=(1, 2, 3)) + KL_WEIGHT * posterior.kl()
                 + STATISTICS_WEIGHT * statistics)
 
-    def checkpoint_metadata(self) -> Dict[str, Any]:
-        return {"training": {}}
-
     def run_settings(self) -> Dict[str, Any]:
-        return {"config": json.dumps(_config_of(self.vae), sort_keys=True)}
+        return {"config": json.dumps(_config_of(self.model), sort_keys=True)}
 
-    def save_weights(self, path: str, summary: Dict[str, Any]) -> None:
-        save_world_vae(path, self.vae, summary)
+    def save_model(self, path: str, model: torch.nn.Module, summary: Dict[str, Any]) -> None:
+        save_world_vae(path, model, summary)
 
-    def load_weights(self, path: str) -> Dict[str, torch.Tensor]:
-        return load_world_vae(path).state_dict()
+    def load_model(self, path: str) -> torch.nn.Module:
+        return load_world_vae(path)
 
 
 def _config_of(vae) -> Dict[str, Any]:
