@@ -157,8 +157,9 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
     world, checkpoint = untrained
     out, grid = tmp_path / "table.json", tmp_path / "grid.png"
     run = mod_adapter_cli("world", "table", "--world", world, "--rows", "bare", f"adapter:full={checkpoint}", "learn",
-               "--sets", "single", "--count", "2", "--learn-count", "1", "--learn-steps", "2", "--steps", "2",
-               "--out", str(out), "--grid", str(grid), "--grid-set", "single", "--grid-rows", "1", "--no-progress")
+                          "--versus", "adapter:full", "--sets", "single", "--count", "2", "--learn-count", "1",
+                          "--learn-steps", "2", "--steps", "2", "--out", str(out), "--grid", str(grid), "--grid-set",
+                          "single", "--grid-rows", "1", "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["learn_lr"] == WORLD_LEARN_LR  # the world's rate, not Learn Concept's FLUX.1 default
@@ -172,6 +173,10 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
         by_kinds = rows[name]["cp_minus_bare_by_kinds"]  # which kinds the row carries beyond the bare word
         assert set(by_kinds) == {"object", "surface", "pose", "lighting", "background"}
         assert all(k["cp_minus_95"][0] <= k["cp_minus"] <= k["cp_minus_95"][1] for k in by_kinds.values())
+    # --versus: the learn row (on the first cases) against the adapter row, paired; the adapter row not against itself
+    assert rows["learn"]["versus"] == "adapter:full" and "versus" not in rows["adapter:full"]
+    low, high = rows["learn"]["cp_pf_minus_versus_95"]
+    assert low <= rows["learn"]["cp_pf_minus_versus"] <= high
     with Image.open(grid) as picture:
         assert picture.width >= 128 * 4  # the concept image and three rows' outputs
     unknown = mod_adapter_cli("world", "table", "--world", world, "--rows", "magic", "--no-progress")
@@ -182,9 +187,9 @@ def test_eval_learn_scores_the_learned_delta_against_the_bare_word(untrained, tm
     import json
 
     world, _ = untrained
-    run = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "2",
-               "--learn-steps", "2", "--learn-lr", "0.02", "--learn-batch-size", "2", "--steps", "2",
-               "--work-dir", str(tmp_path))
+    run = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1",
+                          "--prompts", "2", "--learn-steps", "2", "--learn-lr", "0.02", "--learn-batch-size", "2",
+                          "--steps", "2", "--work-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["learn_lr"] == 0.02 and report["learn_steps"] == 2 and report["learn_batch_size"] == 2
@@ -205,7 +210,8 @@ def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):
 
     world, checkpoint = untrained
     out = tmp_path / "demo.png"
-    run = mod_adapter_cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2", "--no-progress")
+    run = mod_adapter_cli("demo", "--world", world, "--adapter", checkpoint, "--out", str(out), "--steps", "2",
+                          "--no-progress")
     assert run.returncode == 0, run.stderr
     # a first run prints its result and nothing of the libraries' (deprecation notices, loading bars, accelerate)
     assert run.stderr.strip().splitlines() == [run.stderr.strip().splitlines()[-1]], run.stderr

@@ -182,7 +182,7 @@ def cmd_world_table(args: argparse.Namespace) -> int:
             models, name, checkpoint, learn_steps=args.learn_steps, hybrid_steps=args.hybrid_steps, lr=learn_lr,
             seed=args.seed),
         pipe, judge, count=args.count, learn_count=args.learn_count, seed=args.seed, steps=args.steps, cfg=args.cfg,
-        grid_set=args.grid_set if args.grid else None, grid_rows=args.grid_rows,
+        grid_set=args.grid_set if args.grid else None, grid_rows=args.grid_rows, versus=args.versus,
         progress=lambda desc, total: tqdm(total=total, desc=desc, unit="image", disable=args.no_progress),
         on_row=lambda row: print(json.dumps(row), file=sys.stderr))
     output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
@@ -377,6 +377,9 @@ def add_world_commands(sub) -> None:
     table.add_argument("--learn-lr", type=float,
                        help="learning rate of the learn and hybrid rows (default: the world's, WORLD_LEARN_LR in "
                             "modules/world/evaluation.py)")
+    table.add_argument("--versus", metavar="ROW",
+                       help="also give each later row's paired difference from this row (its name as in --rows, "
+                            "e.g. adapter:full), as with the bare word")
     table.add_argument("--seed", type=int, default=11, help="seed of the cases (default 11)")
     table.add_argument("--out", help="also write the JSON here")
     table.add_argument("--grid", metavar="PNG", help="a picture grid: per case, its concept images and every row's "

@@ -233,17 +233,26 @@ def cp_difference_by_kinds(a: MethodResult, b: MethodResult, *, seed: int = 0,
 
 def table_rows(row_specs: Sequence[str], sets: Sequence[str], make_method: Callable[[str, str], Method], pipe, judge, *,
                count: int, learn_count: int, seed: int, steps: int, cfg: float, grid_set: Optional[str] = None,
-               grid_rows: int = 0, progress: Optional[Callable[[str, int], Any]] = None,
+               grid_rows: int = 0, versus: Optional[str] = None, progress: Optional[Callable[[str, int], Any]] = None,
                on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> Tuple[List[Dict[str, Any]], List[MethodResult]]:
     """The table: every row (``name`` or ``name=CHECKPOINT``, made by ``make_method``) on every test set, with its
-    summary and, for rows after the bare word's, the paired difference from it on the same cases.
+    summary and, for rows after the bare word's, the paired difference from it on the same cases; with ``versus``
+    (a row's name), also the paired difference from that row (e.g. an ablation against the full model).
 
     ``progress(description, total)`` gives a context manager with ``update(n)`` (a progress bar); ``on_row`` sees
     each row as it is done. Returns the rows and the results on ``grid_set`` (for :func:`picture_grid`)."""
     kind_sets = {"single": list(SINGLE), **{f"multi{n}": list(MULTI[n]) for n in MULTI}}
     rows: List[Dict[str, Any]] = []
     grid_results: List[MethodResult] = []
-    bare_results: Dict[str, Dict[int, CaseScore]] = {}
+    earlier: Dict[Tuple[str, str], Dict[int, CaseScore]] = {}  # (row name, set): its score per case seed
+
+    def paired_with(name: str, set_name: str, result: MethodResult) -> Optional[MethodResult]:
+        # the row ``name`` on the same cases (the learn rows' cases are the first of each kind set's)
+        scores = earlier.get((name, set_name), {})
+        if not all(case.seed in scores for case in result.cases):
+            return None
+        return MethodResult(name, [scores[case.seed] for case in result.cases], list(result.cases))
+
     for spec in row_specs:
         name, _, checkpoint = spec.partition("=")
         method = make_method(name, checkpoint)
@@ -257,15 +266,17 @@ def table_rows(row_specs: Sequence[str], sets: Sequence[str], make_method: Calla
             if set_name == grid_set:
                 grid_results.append(result)
             rows.append({"set": set_name, **summarise(result, seed=seed)})
-            if name == "bare":
-                bare_results[set_name] = {case.seed: score for case, score in zip(result.cases, result.scores)}
-            elif all(case.seed in bare_results.get(set_name, {}) for case in result.cases):
-                # the bare word on the same cases (the learn rows' cases are the first of each kind set's)
-                floor = MethodResult("bare", [bare_results[set_name][case.seed] for case in result.cases],
-                                     list(result.cases))
+            floor = paired_with("bare", set_name, result) if name != "bare" else None
+            if floor is not None:
                 difference, interval = cp_pf_difference(result, floor, seed=seed)
                 rows[-1].update(cp_pf_minus_bare=difference, cp_pf_minus_bare_95=interval,
                                 cp_minus_bare_by_kinds=cp_difference_by_kinds(result, floor, seed=seed))
+            reference = paired_with(versus, set_name, result) if versus and name != versus else None
+            if reference is not None:
+                difference, interval = cp_pf_difference(result, reference, seed=seed)
+                rows[-1].update(versus=versus, cp_pf_minus_versus=difference, cp_pf_minus_versus_95=interval,
+                                cp_minus_versus_by_kinds=cp_difference_by_kinds(result, reference, seed=seed))
+            earlier[(name, set_name)] = {case.seed: score for case, score in zip(result.cases, result.scores)}
             if on_row is not None:
                 on_row(rows[-1])
     return rows, grid_results
