@@ -59,14 +59,16 @@ def test_the_toy_world_workflow_learns_a_surface_and_puts_it_on_a_new_object(ser
     assert (bare_word["colour"], bare_word["pattern"]) != ("red", "stripes"), bare_word
 
 
-def test_the_toy_world_multi_concept_workflow_composes_two_predicted_concepts(server):
+def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(server):
     prompt, (composed, bare) = run_saving_two_images(server, MULTI_CONCEPT_WORKFLOW, "mod_adapter/toy_world_concepts",
                                                      "mod_adapter/toy_world_bare_words")
-    assert [n["class_type"] for n in prompt.values()].count("ModAdapterPredictor") == 2
+    assert [n["class_type"] for n in prompt.values()].count("ModAdapterPredictor") == 3
     assert composed.shape == bare.shape == (64, 64, 3)
     with_concepts, bare_words = read_by_judge(composed, bare)
-    # the pose concept (large, on the right) and the cone's colour are carried (its checks read as dots here, as in
-    # the demo's third row); the bare words leave the pose to chance, and this seed puts the cone in the centre
-    read = {name: with_concepts[name] for name in ("shape", "colour", "position", "size")}
-    assert read == {"shape": "cone", "colour": "yellow", "position": "right", "size": "large"}, with_concepts
-    assert bare_words["position"] != "right", bare_words
+    # the cone's checks, the pose (large, on the right) and the lighting (cool, from the left) are carried (the
+    # cone's yellow reads as orange here, as in the demo's third row); the bare words put the cone in the centre
+    # under light from the bottom
+    read = {name: with_concepts[name] for name in ("shape", "pattern", "position", "size", "direction", "tint")}
+    assert read == {"shape": "cone", "pattern": "checks", "position": "right", "size": "large", "direction": "left",
+                    "tint": "cool"}, with_concepts
+    assert (bare_words["position"], bare_words["direction"]) != ("right", "left"), bare_words
