@@ -29,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -239,9 +239,9 @@ def read_adapter_info(path) -> Dict[str, Any]:
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _stored_weight_dtype(dtypes) -> torch.dtype:
+def _stored_weight_dtype(dtypes: Iterable[str]) -> torch.dtype:
     """The dtype the weights are stored in (the router centroids aside); float32 for a mixed file."""
-    stored = {_TORCH_DTYPES[d] if isinstance(d, str) else d for d in dtypes}
+    stored = {_TORCH_DTYPES[d] for d in dtypes}
     return stored.pop() if len(stored) == 1 else torch.float32
 
 
@@ -311,7 +311,7 @@ def load_adapter_checkpoint(path, *, device="cpu", dtype: Optional[torch.dtype] 
     tensors, _ = load_safetensors_checked(path, kind=CHECKPOINT_KIND, error_cls=CheckpointError, device=device,
                                           header=(header.metadata, header.tensors))
     if dtype is None:
-        dtype = _stored_weight_dtype(t.dtype for name, t in tensors.items() if name != ROUTER_BUFFER)
+        dtype = header.weight_dtype
     for name in list(tensors):
         tensors[name] = tensors[name].to(dtype=torch.float32 if name == ROUTER_BUFFER else dtype)
     adapter = ModAdapter(config, device="meta", operations=operations)

@@ -122,15 +122,14 @@ def _looks_like_pickle(head: bytes, file_size: int, last_byte: bytes = b"") -> b
     return is_pickle or is_old_pickle or head.startswith(_ZIP_MAGIC)
 
 
-def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
-    """Validate the whole file layout; return (metadata, tensors, header_bytes)."""
-    refuse = _Refuser(str(path), kind, error_cls)
+def _read_header_bytes(path: str, refuse: _Refuser) -> Tuple[bytes, int]:
+    """Check the file as bytes (exists, not a pickle, long enough); return (header bytes, file size)."""
     if not os.path.exists(path):
         raise refuse.error("the file does not exist", "Check the file name and folder.")
     if os.path.isdir(path):
         raise refuse.error(
             "this is a folder, not a file",
-            f"Point to the .safetensors file of the {kind} inside it.",
+            f"Point to the .safetensors file of the {refuse.kind} inside it.",
         )
     try:
         file_size = os.path.getsize(path)
@@ -167,10 +166,13 @@ def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
                     f"{file_size - _LENGTH_FIELD_BYTES} bytes follow the length field"
                 )
             handle.seek(_LENGTH_FIELD_BYTES)
-            header_bytes = handle.read(header_length)
+            return handle.read(header_length), file_size
     except OSError as exc:
         raise refuse.error(f"the file cannot be read ({exc})", "Check that it exists and is readable.") from exc
 
+
+def _decode_header(header_bytes: bytes, refuse: _Refuser) -> Tuple[Dict[str, str], Dict[str, object]]:
+    """Parse the header's JSON; return (metadata, the tensor entries)."""
     try:
         header_text = header_bytes.decode("utf-8")
     except UnicodeDecodeError:
@@ -193,52 +195,54 @@ def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
                 f"the metadata entry {key!r} is a {type(value).__name__}, but safetensors metadata "
                 f"values must be strings"
             )
-    metadata: Dict[str, str] = dict(metadata_raw)
+    return dict(metadata_raw), header
 
-    data_size = file_size - _LENGTH_FIELD_BYTES - header_length
-    tensors: HeaderTensors = {}
-    spans: List[Tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise refuse.error(f"the header entry of tensor {name!r} is not an object")
-        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
-        if missing:
-            raise refuse.error(f"the header entry of tensor {name!r} lacks {', '.join(missing)}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise refuse.error(
-                f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})"
-            )
-        if not isinstance(shape, list) or not all(_is_int(dim) and dim >= 0 for dim in shape):
-            raise refuse.error(f"tensor {name!r} has an invalid shape {shape!r} (expected a list of non-negative integers)")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(offset) and offset >= 0 for offset in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise refuse.error(f"tensor {name!r} has invalid data_offsets {offsets!r} (expected [begin, end], begin <= end)")
-        begin, end = offsets
-        expected_bytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected_bytes:
-            raise refuse.error(
-                f"tensor {name!r} ({dtype}, shape {tuple(shape)}) needs {expected_bytes} bytes but its "
-                f"data_offsets span {end - begin} bytes"
-            )
-        if end > data_size:
-            raise refuse.error(
-                f"the file is truncated: tensor {name!r} ends at byte {end} of the data region, "
-                f"which holds only {data_size} bytes"
-            )
-        tensors[name] = (dtype, tuple(shape))
-        spans.append((begin, end, name))
 
-    # The tensors must tile the data region exactly: an overlap means two
-    # tensors alias the same bytes, a gap or a tail means bytes nobody accounts for.
-    spans.sort()
+def _check_tensor_entry(name: str, entry: object, data_size: int, refuse: _Refuser) -> Tuple[str, Tuple[int, ...], int, int]:
+    """One tensor's header entry, checked; return (dtype, shape, begin, end)."""
+    if not isinstance(entry, dict):
+        raise refuse.error(f"the header entry of tensor {name!r} is not an object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise refuse.error(f"the header entry of tensor {name!r} lacks {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise refuse.error(
+            f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})"
+        )
+    if not isinstance(shape, list) or not all(_is_int(dim) and dim >= 0 for dim in shape):
+        raise refuse.error(f"tensor {name!r} has an invalid shape {shape!r} (expected a list of non-negative integers)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(offset) and offset >= 0 for offset in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise refuse.error(f"tensor {name!r} has invalid data_offsets {offsets!r} (expected [begin, end], begin <= end)")
+    begin, end = offsets
+    expected_bytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected_bytes:
+        raise refuse.error(
+            f"tensor {name!r} ({dtype}, shape {tuple(shape)}) needs {expected_bytes} bytes but its "
+            f"data_offsets span {end - begin} bytes"
+        )
+    if end > data_size:
+        raise refuse.error(
+            f"the file is truncated: tensor {name!r} ends at byte {end} of the data region, "
+            f"which holds only {data_size} bytes"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _check_tiling(spans: List[Tuple[int, int, str]], data_size: int, refuse: _Refuser) -> None:
+    """The tensors must tile the data region exactly.
+
+    An overlap means two tensors alias the same bytes, a gap or a tail means
+    bytes nobody accounts for.
+    """
     position = 0
     previous_name = None
-    for begin, end, name in spans:
+    for begin, end, name in sorted(spans):
         if begin < position:
             raise refuse.error(f"tensors {previous_name!r} and {name!r} overlap in the data region")
         if begin > position:
@@ -251,8 +255,23 @@ def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]):
         raise refuse.error(
             f"the file has {data_size - position} bytes of trailing data after the last tensor "
             f"(the tensors cover {position} of {data_size} data bytes)",
-            f"The file was altered or concatenated with something else; use an unmodified copy of the {kind}.",
+            f"The file was altered or concatenated with something else; use an unmodified copy of the {refuse.kind}.",
         )
+
+
+def _parse_header(path: str, kind: str, error_cls: Type[ModAdapterError]) -> Tuple[Dict[str, str], HeaderTensors]:
+    """Validate the whole file layout; return (metadata, tensors)."""
+    refuse = _Refuser(str(path), kind, error_cls)
+    header_bytes, file_size = _read_header_bytes(path, refuse)
+    metadata, entries = _decode_header(header_bytes, refuse)
+    data_size = file_size - _LENGTH_FIELD_BYTES - len(header_bytes)
+    tensors: HeaderTensors = {}
+    spans: List[Tuple[int, int, str]] = []
+    for name, entry in entries.items():
+        dtype, shape, begin, end = _check_tensor_entry(name, entry, data_size, refuse)
+        tensors[name] = (dtype, shape)
+        spans.append((begin, end, name))
+    _check_tiling(spans, data_size, refuse)
     return metadata, tensors
 
 

@@ -707,38 +707,95 @@ def _restore(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, resum
     return step
 
 
+class _Optimisation:
+    """The optimiser, its schedule and the EMA of one run, stepped together."""
+
+    def __init__(self, adapter: torch.nn.Module, cfg: LoopConfig) -> None:
+        self.trainable = [p for p in adapter.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trainable, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.ema = ExponentialMovingAverage(self.trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.max_grad_norm = cfg.max_grad_norm
+
+    def step(self) -> Tuple[float, float]:
+        """Clip, step, advance the schedule and the EMA; return (gradient norm, learning rate used)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        lr_used = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return float(grad_norm), lr_used
+
+
+def _wrap_distributed(adapter: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Module:
+    if not ctx.distributed:
+        return adapter
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = ctx.device
+    return DistributedDataParallel(adapter, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _accumulate_gradients(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, model: torch.nn.Module,
+                          prepared: List[Any], step: int) -> torch.Tensor:
+    """Backward over the micro-batches of one step; return the float64 sum of this rank's per-sample losses."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for a, micro in enumerate(prepared):
+        sync = contextlib.nullcontext()
+        if ctx.distributed and a < len(prepared) - 1:
+            sync = model.no_sync()  # gradients are all-reduced once, after the last micro-batch
+        with sync:
+            with _autocast(cfg, ctx.device):
+                per_sample = task.per_sample_losses(model, micro, step)
+            per_sample = per_sample.float()
+            if not torch.isfinite(per_sample).all():
+                raise ModAdapterError(
+                    f"the loss became NaN/Inf at step {step + 1}; lower --lr, check the data, or resume from "
+                    f"the last checkpoint"
+                )
+            (per_sample.sum() * (ctx.world_size / cfg.batch_size)).backward()
+        loss_sum += per_sample.detach().double().sum()
+    return loss_sum
+
+
+def _progress_bar(task: TrainingTask, cfg: LoopConfig, ctx: DistributedContext, start: int):
+    if not (ctx.is_main and cfg.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=task.stage, unit="step", dynamic_ncols=True)
+
+
+def _record_step(log: LossLog, progress, step: int, epoch: int, loss: float, lr_used: float, grad_norm: float,
+                 samples_per_second: float, elapsed_seconds: float) -> None:
+    log.append({"step": step, "epoch": epoch, "loss": f"{loss:.8g}", "lr": f"{lr_used:.8g}",
+                "grad_norm": f"{grad_norm:.6g}", "samples_per_second": f"{samples_per_second:.4g}",
+                "elapsed_seconds": f"{elapsed_seconds:.2f}"})
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_used:.3g}")
+
+
 def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: DistributedContext,
                  resume: Optional[str] = None, on_step: Optional[Callable[[int, float], None]] = None) -> TrainingResult:
     """Train ``task.model`` (the adapter, by default); see the module docstring."""
     cfg.validate()
     adapter = task.model
-    device = ctx.device
     schedule = BatchSchedule(task.dataset_size, cfg.batch_size, cfg.grad_accum, ctx.world_size, ctx.rank, cfg.seed)
     adapter.train()
-    trainable = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    ema = ExponentialMovingAverage(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optim = _Optimisation(adapter, cfg)
     start = 0
     if resume:
-        start = _restore(task, cfg, ctx, resume, optimizer, scheduler, ema)
+        start = _restore(task, cfg, ctx, resume, optim.optimizer, optim.scheduler, optim.ema)
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
     ctx.barrier()
-
-    model: torch.nn.Module = adapter
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(adapter, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+    model = _wrap_distributed(adapter, ctx)
 
     log = LossLog(out_dir, resume_step=start) if ctx.is_main else None
-    progress = None
-    if ctx.is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=cfg.steps, initial=start, desc=task.stage, unit="step", dynamic_ncols=True)
+    progress = _progress_bar(task, cfg, ctx, start)
     stop = _StopFlag()
     stop.install()
     pool = ThreadPoolExecutor(max_workers=1) if cfg.prefetch else None
@@ -753,58 +810,35 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
 
     try:
         if cfg.validate_every and start == 0:
-            _write_validation_images(task, ctx, out_dir, 0, ema)
+            _write_validation_images(task, ctx, out_dir, 0, optim.ema)
         pending = pool.submit(load, start) if pool and start < end else None
         step = start
         while step < end:
             step_started = time.perf_counter()
             prepared = pending.result() if pending is not None else load(step)
             pending = pool.submit(load, step + 1) if pool and step + 1 < end else None
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for a, micro in enumerate(prepared):
-                sync = contextlib.nullcontext()
-                if ctx.distributed and a < len(prepared) - 1:
-                    sync = model.no_sync()
-                with sync:
-                    with _autocast(cfg, device):
-                        per_sample = task.per_sample_losses(model, micro, step)
-                    per_sample = per_sample.float()
-                    if not torch.isfinite(per_sample).all():
-                        raise ModAdapterError(
-                            f"the loss became NaN/Inf at step {step + 1}; lower --lr, check the data, or resume from "
-                            f"the last checkpoint"
-                        )
-                    (per_sample.sum() * (ctx.world_size / cfg.batch_size)).backward()
-                loss_sum += per_sample.detach().double().sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-            optimizer.step()
-            lr_used = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if ema is not None:
-                ema.update()
+            optim.optimizer.zero_grad(set_to_none=True)
+            loss_sum = _accumulate_gradients(task, cfg, ctx, model, prepared, step)
+            grad_norm, lr_used = optim.step()
             step += 1
             ctx.all_reduce_sum(loss_sum)
             last_loss = float(loss_sum) / cfg.batch_size
             losses.append(last_loss)
             if on_step is not None:
                 on_step(step, last_loss)
-            elapsed = time.perf_counter() - step_started
             if ctx.is_main:
-                log.append({"step": step, "epoch": schedule.epoch_of(step - 1), "loss": f"{last_loss:.8g}",
-                            "lr": f"{lr_used:.8g}", "grad_norm": f"{float(grad_norm):.6g}",
-                            "samples_per_second": f"{cfg.batch_size / max(elapsed, 1e-9):.4g}",
-                            "elapsed_seconds": f"{time.perf_counter() - started_at:.2f}"})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr_used:.3g}")
-            stop_now = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+                _record_step(log, progress, step, schedule.epoch_of(step - 1), last_loss, lr_used, grad_norm,
+                             cfg.batch_size / max(time.perf_counter() - step_started, 1e-9),
+                             time.perf_counter() - started_at)
+            # Every rank stops at the same step when any of them was asked to.
+            stop_now = torch.tensor([1.0 if stop.requested else 0.0], device=ctx.device)
             ctx.all_reduce_sum(stop_now)
             final = step == end
             if step % cfg.save_every == 0 or final or stop_now.item() > 0:
-                _save_checkpoint(task, cfg, ctx, out_dir, step, optimizer, scheduler, ema, schedule, last_loss)
+                _save_checkpoint(task, cfg, ctx, out_dir, step, optim.optimizer, optim.scheduler, optim.ema,
+                                 schedule, last_loss)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                _write_validation_images(task, ctx, out_dir, step, ema)
+                _write_validation_images(task, ctx, out_dir, step, optim.ema)
             if stop_now.item() > 0 and not final:
                 ctx.log(f"stopped at step {step}; resume with --resume {out_dir}")
                 stopped_early = True
@@ -820,7 +854,7 @@ def run_training(task: TrainingTask, cfg: LoopConfig, out_dir: str, ctx: Distrib
 
     final_path = None if stopped_early else os.path.join(out_dir, task.weights_file)
     if not stopped_early and ctx.is_main:
-        _save_weight_files(task, cfg, ctx, out_dir, step, last_loss, ema)
+        _save_weight_files(task, cfg, ctx, out_dir, step, last_loss, optim.ema)
         _plot_losses(task, out_dir)
     ctx.barrier()
     return TrainingResult(steps_done=step, losses=losses, out_dir=out_dir, final_adapter=final_path,

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ModAdapterError
 from ..flow_matching import flow_matching_pair
-from ..flux_diffusers import latent_image_ids, pack_latents, unpack_latents, vae_decode, vae_encode
+from ..flux_diffusers import flux_velocity, vae_decode, vae_encode
 from ..safetensors_io import load_safetensors_checked, save_safetensors
 from .checkpoint_file import load_world_checkpoint, save_world_checkpoint
 from ..training.loop import DistributedContext, sample_generator
@@ -71,14 +71,9 @@ class WorldFlux(nn.Module):
         self.t5 = T5EncoderModel(T5Config(**T5_CONFIG))
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, t5_ids: torch.Tensor, pooled: torch.Tensor):
-        """v for unpacked latents (B, 16, 8, 8) at σ (B,)."""
-        batch, _, height, width = latents.shape
+        """v for unpacked latents (B, 16, 8, 8) at σ (B,): FLUX's velocity call on the world's T5 context."""
         context = self.t5(input_ids=t5_ids).last_hidden_state
-        out = self.transformer(
-            hidden_states=pack_latents(latents), timestep=sigma, pooled_projections=pooled,
-            encoder_hidden_states=context, txt_ids=torch.zeros(t5_ids.shape[1], 3, device=latents.device),
-            img_ids=latent_image_ids(height, width, latents.device), return_dict=False)[0]
-        return unpack_latents(out, height, width)
+        return flux_velocity(self.transformer, latents, sigma, context, pooled, guidance=None)
 
 
 def load_t5_tokenizer(folder: str):
