@@ -148,7 +148,11 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
     from .modules.learn_concept import LearnConfig
     from .modules.learn_diffusers import learn_concept_files
 
-    config = LearnConfig(steps=args.steps, stage1_steps=args.stage1_steps, lr=args.lr, seed=args.seed,
+    # Unset options keep LearnConfig's defaults, which are not repeated here.
+    optional = {name: value for name, value in (("relative_lr", args.relative_lr),
+                                                ("isolation_probability", args.isolation_probability))
+                if value is not None}
+    config = LearnConfig(steps=args.steps, stage1_steps=args.stage1_steps, lr=args.lr, seed=args.seed, **optional,
                          flip_probability=args.flip_probability)
     interrupted = threading.Event()
     previous_handler = None
@@ -164,7 +168,8 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
             resolution=args.resolution, device=args.device, dtype=args.dtype,
             gradient_checkpointing=args.gradient_checkpointing, guidance=args.guidance,
             max_sequence_length=args.max_sequence_length, eval_draws=args.eval_draws, overwrite=args.overwrite,
-            show_progress=not args.no_progress, should_stop=should_stop or interrupted.is_set)
+            show_progress=not args.no_progress, should_stop=should_stop or interrupted.is_set,
+            isolation=[tuple(pair) for pair in args.isolate_with])
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -386,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--stage1-steps", type=int, default=800,
                        help="steps with one global direction per word (default 800, TokenVerse); the rest add "
                             "per-block offsets")
-    learn.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    learn.add_argument("--lr", type=float, default=None,
+                       help="Adam learning rate (default: the rule, --relative-lr × the model's rms(vec), measured "
+                            "when the run starts; give a number to override it)")
+    # The default is LearnConfig's (RELATIVE_LR); it is not imported here, which would load torch for --help.
+    learn.add_argument("--relative-lr", type=float, default=None,
+                       help="the rule's learning rate per unit of the model's rms(vec), the scale of FLUX's "
+                            "modulation vector that Δ is added to (default 0.0125, measured on the toy world)")
     learn.add_argument("--seed", type=int, default=0, help="seed of noise, timesteps and flips (default 0)")
     learn.add_argument("--resolution", type=int, default=512,
                        help="square training size, a multiple of 16 (default 512); other sizes are resized and "
@@ -403,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--flip-probability", type=float, default=0.5,
                        help="horizontal-flip augmentation (default 0.5); 0 for concepts that have a side, such as a "
                             "pose or a light from the left")
+    learn.add_argument("--isolate-with", nargs=2, action="append", default=[], metavar=("IMAGE", "CAPTION"),
+                       help="TokenVerse's concept isolation: another concept image and its caption (repeatable). On "
+                            "--isolation-probability of the steps the concept image is composed beside it, under "
+                            "'CAPTION_OF_THE_IMAGES and CAPTION', and the learned concepts must leave its half as the "
+                            "model draws it")
+    learn.add_argument("--isolation-probability", type=float, default=None,
+                       help="share of the steps that use an --isolate-with image (default 0.5, TokenVerse's half)")
     learn.add_argument("--eval-draws", type=int, default=8,
                        help="held-out noise draws to report the loss with and without the concepts (default 8; 0 = off)")
     learn.add_argument("--overwrite", action="store_true", help="replace existing concept files")

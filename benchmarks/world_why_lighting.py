@@ -286,7 +286,7 @@ def cmd_learn(args) -> None:
     from mod_adapter.modules.learn_concept import LearnConfig
     from mod_adapter.modules.learn_diffusers import learn_concept_files
     from mod_adapter.modules.token_modulation import TokenConcept
-    from mod_adapter.modules.world.evaluation import (WORLD_LEARN_LR, judge_reads, other_values, score,
+    from mod_adapter.modules.world.evaluation import (judge_reads, other_values, score,
                                                       word_positions)
     from mod_adapter.modules.world.methods import AdapterPredictor
     from mod_adapter.modules.world.sampling import generate
@@ -297,7 +297,7 @@ def cmd_learn(args) -> None:
     pipe = models.pipe
     predictor = AdapterPredictor(models, args.adapter)
     nd = len(pipe.transformer.transformer_blocks)
-    lr = WORLD_LEARN_LR if args.learn_lr is None else args.learn_lr
+    lr = args.learn_lr  # None: Learn Concept's learning-rate rule
     summary_rows, block_rows, cos_rows = [], [], []
     read_values: Dict[tuple, Dict[str, int]] = {}
     concept_values: List[str] = []
@@ -364,7 +364,7 @@ def cmd_learn(args) -> None:
                                  float(np.mean([v[1] for v in values])), spread])
     print(f"**Learn Concept on held-out concept images, judged as `world eval-learn` judges them** "
           f"({args.concepts} concept image(s) per kind × {args.prompts} prompts, seed {args.seed}, "
-          f"{args.learn_steps} steps at lr {lr:g}; every row on the same prompts and seeds)\n")
+          f"{args.learn_steps} steps at lr {lr if lr is not None else 'by the rule'}; every row on the same prompts and seeds)\n")
     print(table(["kind", "Δ on the word", "images", "CP", "PF", "what the judge reads (first attribute of the kind)"],
                 summary_rows))
     print("\nConcept values: " + "; ".join(concept_values))
@@ -545,7 +545,7 @@ def main() -> None:
     learn.add_argument("--concepts", type=int, default=2)
     learn.add_argument("--prompts", type=int, default=8)
     learn.add_argument("--learn-steps", type=int, default=1400)
-    learn.add_argument("--learn-lr", type=float, help="default: WORLD_LEARN_LR")
+    learn.add_argument("--learn-lr", type=float, help="default: Learn Concept's rule")
     learn.add_argument("--adapter-scale", type=float, default=3.0)
     learn.add_argument("--steps", type=int, default=20)
     learn.add_argument("--cfg", type=float, default=4.0)

@@ -21,15 +21,20 @@ imports ComfyUI; loading the model on its device is the caller's job
 from __future__ import annotations
 
 import contextvars
-from typing import Iterable, Optional, Sequence
+import copy
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.utils.checkpoint
 
 from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, install_patch
 from .errors import ModAdapterError
-from .flux_layout import FluxLayout
+from .flux_layout import FluxLayout, comfy_text_modulation_keys
 from .token_modulation import TokenConcept
+
+
+class _ModulationVectorRead(Exception):
+    """Ends a forward once the modulation vector has been read (nothing after it is needed)."""
 
 
 class LiveTokenModulationPatch(FluxTokenModulationPatch):
@@ -43,9 +48,11 @@ class LiveTokenModulationPatch(FluxTokenModulationPatch):
 
 
 def _fresh_copy(weight):
-    """A weight wrapper that changes nothing: its presence makes ComfyUI's cast ops copy the weight for
-    each forward, and a copy made outside inference mode can take part in autograd."""
-    return weight
+    """A weight wrapper that changes no value: its presence makes ComfyUI's cast ops copy the weight for
+    each forward, and a copy made outside inference mode can take part in autograd. Detached, because
+    ComfyUI 0.3.x loads weights with requires_grad=True: the copy would carry each weight's gradient back
+    (the memory of a second model, and an error on fp8 weights)."""
+    return weight.detach()
 
 
 def make_weights_autograd_safe(patched) -> None:
@@ -164,6 +171,13 @@ class ComfyFluxDenoiser:
         self.pooled = pooled
         self.guidance = guidance
 
+    def with_caption(self, context: torch.Tensor, pooled: torch.Tensor) -> "ComfyFluxDenoiser":
+        """The same patched clone on another caption (an isolation partner's composed caption): nothing is cloned
+        or loaded again."""
+        other = copy.copy(self)
+        other.context, other.pooled = context, pooled
+        return other
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.model_patcher.load_device)
@@ -174,8 +188,9 @@ class ComfyFluxDenoiser:
         return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
 
     def model_parameters(self) -> Iterable[torch.Tensor]:
-        # Inference tensors can never receive gradients (nor be frozen or unfrozen).
-        return [p for p in self.model_patcher.model.diffusion_model.parameters() if not p.is_inference()]
+        # Inference tensors included: ComfyUI 0.3.x loads them with requires_grad=True, and the copies its cast
+        # ops make for the weight wrappers would then carry every weight's gradient (and fail on fp8 weights).
+        return list(self.model_patcher.model.diffusion_model.parameters())
 
     def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
                  token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -183,6 +198,35 @@ class ComfyFluxDenoiser:
             raise ModAdapterError(f"{len(deltas)} Δ tables for {len(token_positions)} concept words")
         self.patch.set_concepts([TokenConcept(delta=d, positions=list(p), name=f"concept {i}")
                                  for i, (d, p) in enumerate(zip(deltas, token_positions))])
+        return self._forward(noisy_latents, sigma).float()
+
+    @torch.no_grad()
+    def modulation_vector(self, noisy_latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``vec`` as the first block's text modulation receives it, read in a forward that stops there (only the
+        input embedders run): ComfyUI builds ``vec`` inside FLUX's forward, which the pack never copies."""
+        self.patch.set_concepts([])
+        key = comfy_text_modulation_keys(self.layout)[0].split(".", 1)[1]
+        first_modulation = self.model_patcher.model.diffusion_model.get_submodule(key)
+        seen: List[torch.Tensor] = []
+
+        def stop_at_first_modulation(module, args):
+            seen.append(args[0].detach().clone())
+            raise _ModulationVectorRead()
+
+        handle = first_modulation.register_forward_pre_hook(stop_at_first_modulation)
+        try:
+            self._forward(noisy_latents, sigma)
+        except _ModulationVectorRead:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise ModAdapterError(
+                f"Learn Concept could not read this model's modulation vector: its first block's text modulation "
+                f"({key}) never ran (another pack replaces that block?). Give Learn Concept an explicit learning rate.")
+        return seen[0].float()
+
+    def _forward(self, noisy_latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         diffusion_model = self.model_patcher.model.diffusion_model
         dtype, device = self.compute_dtype, self.device
         batch = noisy_latents.shape[0]
@@ -195,7 +239,7 @@ class ComfyFluxDenoiser:
         if getattr(diffusion_model.params, "guidance_embed", False) and self.guidance is not None:
             extra["guidance"] = torch.full((batch,), float(self.guidance), device=device, dtype=dtype)
         # ModelSamplingFlux: the transformer's timestep is σ itself and its input is not rescaled.
-        out = diffusion_model(
+        return diffusion_model(
             noisy_latents.to(device, dtype),
             sigma.to(device, dtype),
             context=self.context.to(device, dtype).expand(batch, -1, -1),
@@ -203,4 +247,3 @@ class ComfyFluxDenoiser:
             transformer_options=options,
             **extra,
         )
-        return out.float()

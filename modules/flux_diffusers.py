@@ -8,7 +8,8 @@
   (``(z − shift_factor) · scaling_factor``, as FluxImg2ImgPipeline);
 - the text: a caption's T5 tokens and CLIP-L pooled vector, as FluxPipeline
   encodes them;
-- the velocity call: v_θ of unpacked latents at σ.
+- the velocity call: v_θ of unpacked latents at σ, and the modulation vector
+  `vec` at σ that every block reads.
 """
 
 from __future__ import annotations
@@ -160,6 +161,22 @@ def flux_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, promp
         return_dict=False,
     )[0]
     return unpack_latents(out, height, width)
+
+
+def flux_modulation_vector(transformer, sigma: torch.Tensor, pooled: torch.Tensor,
+                           guidance: Optional[float]) -> torch.Tensor:
+    """FLUX's modulation vector ``vec`` (diffusers' ``temb``) at per-sample σ (B,): what every block's
+    modulation reads. It is ``transformer.time_text_embed`` called as ``FluxTransformer2DModel.forward`` calls
+    it (timestep and guidance × 1000); the image and the text tokens play no part in it."""
+    param = next(transformer.parameters())
+    dtype, device = param.dtype, param.device
+    batch = sigma.shape[0]
+    timestep = sigma.to(device=device, dtype=dtype) * 1000
+    pooled = pooled.to(device=device, dtype=dtype).expand(batch, -1)
+    if guidance is not None and getattr(transformer.config, "guidance_embeds", False):
+        guidance_tensor = torch.full((batch,), float(guidance), device=device, dtype=dtype) * 1000
+        return transformer.time_text_embed(timestep, guidance_tensor, pooled)
+    return transformer.time_text_embed(timestep, pooled)
 
 
 # --------------------------------------------------------------------------

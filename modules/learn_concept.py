@@ -12,9 +12,13 @@ the ordinary FLUX flow-matching denoising loss:
   timesteps come from t ∈ [0, 0.8].
 
 Several words of one caption are learned at once (TokenVerse's decomposition:
-"a *dog* on a *beach*" gives one Δ for "dog" and one for "beach"). The
-paper's additional concept-isolation loss (half of the steps, with a second
-image) is not implemented: it needs a set of other concepts to contrast with.
+"a *dog* on a *beach*" gives one Δ for "dog" and one for "beach").
+
+TokenVerse's concept-isolation loss (:class:`IsolationPartner`): on a share of
+the steps the concept image is composed, side by side, with another concept
+image, under a caption that names both. The concept's half is denoised as
+usual; on the other half the prediction with Δ must equal the model's own
+prediction without Δ, so that Δ acts on its own concept only.
 
 The model is reached through a small :class:`Denoiser` protocol, so the same
 loop drives diffusers' FluxTransformer2DModel (:mod:`.learn_diffusers`) and
@@ -47,6 +51,19 @@ logger = logging.getLogger(__name__)
 # evaluation noise is a different stream from the training noise.
 EVAL_SEED_OFFSET = 2**32
 
+# The learning-rate rule. Adam moves every coordinate of Δ by about the
+# learning rate per step, whatever the gradient's size, and Δ is added to
+# FLUX's modulation vector ``vec``: a step means the same to any model when it
+# is the same share of that model's own rms(vec). RELATIVE_LR is that share:
+# the toy world's best learning rate, 1e-2 (docs/results.md, "The learning
+# rate"), over its rms(vec) of 0.80 (learning captions, σ at the SCALE_SIGMAS
+# midpoints), rounded. On FLUX.1 the rule gives RELATIVE_LR × FLUX.1's own
+# rms(vec), measured on the artist's model when the run starts.
+RELATIVE_LR = 0.0125
+# rms(vec) is the mean over this many σ, the midpoints of equal bins of [0, 1]: vec changes with σ through the
+# time embedding, and both stages together cover [0, 1].
+SCALE_SIGMAS = 8
+
 
 class LearningDivergedError(ModAdapterError):
     """The loss or the gradient became NaN or infinite; nothing was learned or saved."""
@@ -58,15 +75,18 @@ class LearnConfig:
 
     Paper numbers (TokenVerse, arXiv 2501.12224): steps 1400 = 800 + 600, the
     stage timestep ranges and their 0.92 probability. Our choices (the
-    paper gives none we can cite): Adam with lr 1e-3 for the global direction
-    and the per-block offsets, gradient-norm clipping at 1.0, horizontal flips
-    with probability 0.5, batch size 1, σ never below ``min_sigma``.
+    paper gives none we can cite): Adam with the learning-rate rule (``lr``
+    None: ``relative_lr`` × the model's rms(vec), see :data:`RELATIVE_LR`) for
+    the global direction and the per-block offsets, gradient-norm clipping at
+    1.0, horizontal flips with probability 0.5, batch size 1, σ never below
+    ``min_sigma``.
     """
 
     steps: int = 1400
     stage1_steps: int = 800
-    lr: float = 1e-3  # Adam, global directions
-    offset_lr: Optional[float] = None  # Adam, per-block offsets (stage 2); None = lr
+    lr: Optional[float] = None  # Adam, global directions; None = relative_lr × rms(vec) of the model
+    relative_lr: float = RELATIVE_LR  # the rule's share of rms(vec), used when lr is None
+    offset_lr: Optional[float] = None  # Adam, per-block offsets (stage 2); None = the global directions' rate
     stage1_sigma_range: Tuple[float, float] = (0.8, 1.0)
     stage2_sigma_range: Tuple[float, float] = (0.0, 0.8)
     # Probability of drawing σ from the stage's range; otherwise uniform over [0, 1].
@@ -75,8 +95,12 @@ class LearnConfig:
     # that predicts x0, such as ComfyUI's apply_model, gives v) undefined.
     min_sigma: float = 1e-3
     flip_probability: float = 0.5
+    # Share of the steps that compose the concept image with an isolation partner (when partners are given).
+    isolation_probability: float = 0.5
     batch_size: int = 1
-    max_grad_norm: Optional[float] = 1.0  # None disables clipping
+    # None disables clipping. With the rule (lr None) the norm is divided by rms(vec): the gradient of Δ scales as
+    # 1/rms(vec), and a clipping norm fixed in absolute units would clip one model and not its rescaled twin.
+    max_grad_norm: Optional[float] = 1.0
     seed: int = 0
     log_every: int = 100  # steps between log lines (module logger, INFO); 0 = never
 
@@ -96,9 +120,9 @@ class LearnConfig:
             raise fail(f"batch_size must be at least 1, got {self.batch_size}")
         if self.log_every < 0:
             raise fail(f"log_every must be 0 or more, got {self.log_every}")
-        for name in ("lr", "offset_lr"):
+        for name in ("lr", "relative_lr", "offset_lr"):
             value = getattr(self, name)
-            if value is None and name == "offset_lr":
+            if value is None and name != "relative_lr":
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
                 raise fail(f"{name} must be a positive number, got {value!r}")
@@ -106,7 +130,7 @@ class LearnConfig:
             low, high = getattr(self, name)
             if not (0.0 <= low < high <= 1.0):
                 raise fail(f"{name} must be (low, high) with 0 <= low < high <= 1, got {(low, high)!r}")
-        for name in ("range_probability", "flip_probability"):
+        for name in ("range_probability", "flip_probability", "isolation_probability"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise fail(f"{name} must be between 0 and 1, got {value!r}")
@@ -134,6 +158,9 @@ class Denoiser(Protocol):
             sequence as the host encoded it.
         Returns the predicted velocity ε − x0, (B, C, H, W), any float dtype.
         The caption's text conditioning is fixed when the denoiser is built.
+    ``modulation_vector(noisy_latents, sigma)``: FLUX's modulation vector
+        ``vec`` (B, hidden) for the caption at σ (B,), as every block's
+        modulation receives it without concepts: the learning-rate rule's scale.
     ``model_parameters()``: every parameter of the model, so that the loop can
         freeze them and check that none receives a gradient.
     """
@@ -144,6 +171,8 @@ class Denoiser(Protocol):
     def velocity(self, noisy_latents: torch.Tensor, sigma: torch.Tensor, deltas: Sequence[torch.Tensor],
                  token_positions: Sequence[Sequence[int]]) -> torch.Tensor: ...
 
+    def modulation_vector(self, noisy_latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
     def model_parameters(self) -> Iterable[torch.Tensor]: ...
 
 
@@ -152,13 +181,81 @@ class LearnResult:
     """deltas: one (num_blocks, modulation_dim) float32 CPU tensor per word, in
     the order given. losses: the training loss of every step run. stopped:
     True when ``should_stop`` ended the run early (deltas are then the values
-    after ``steps_done`` steps; the caller decides whether to keep them)."""
+    after ``steps_done`` steps; the caller decides whether to keep them).
+    lr: the learning rate the run used; vec_rms: the model's rms(vec) when the
+    rule set it (None for an explicit ``lr``)."""
 
     deltas: List[torch.Tensor]
     losses: List[float] = field(default_factory=list)
     stopped: bool = False
     steps_done: int = 0
     words: List[str] = field(default_factory=list)
+    lr: float = 0.0
+    vec_rms: Optional[float] = None
+
+
+@dataclass
+class IsolationPartner:
+    """Another concept image for TokenVerse's concept-isolation loss.
+
+    denoiser: the same model, built on the composed caption (the learned
+        image's caption, then the partner's: "a dog on a beach and a red
+        teapot"), which names both images;
+    positions: per learned word, its token indices in the composed caption
+        (the caption comes first, so they are its positions in the caption);
+    latents: (1, C, H, W) the partner image, encoded as the concept images.
+    The composed image is the concept image (left) beside the partner (right).
+    """
+
+    denoiser: Denoiser
+    positions: Sequence[Sequence[int]]
+    latents: torch.Tensor
+
+
+def composed_caption(layout, caption: str, partner_caption: str) -> str:
+    """The caption of a concept image beside an isolation partner: the caption, " and ", the partner's caption.
+
+    layout: the :class:`~.token_positions.TextSequenceLayout` the concept words were found with. The caption
+    comes first, so its words keep their positions; a partner text that would change the caption's tokens, or a
+    composed caption longer than the model reads, is refused.
+    """
+    if not isinstance(partner_caption, str) or not partner_caption.strip():
+        raise ModAdapterError("An isolation image needs a caption that says what it shows, e.g. 'a red teapot'")
+    composed = f"{caption.strip()} and {partner_caption.strip()}"
+    alone, both = layout.encode(caption.strip()), layout.encode(composed)
+    if both[:len(alone)] != alone:
+        raise ModAdapterError(f"The isolation caption {composed!r} tokenizes the concept caption differently from "
+                              f"{caption!r} alone; end the caption with a whole word")
+    if layout.max_text_position is not None and layout.prefix_len + len(both) - 1 > layout.max_text_position:
+        raise ModAdapterError(f"The isolation caption {composed!r} is longer than the {layout.max_text_position + 1} "
+                              f"text tokens the model reads; shorten the isolation image's caption")
+    return composed
+
+
+@torch.no_grad()
+def modulation_scale(denoiser: Denoiser, latents: torch.Tensor) -> float:
+    """rms(vec) of the model for the denoiser's caption: the mean over :data:`SCALE_SIGMAS` σ of the root mean
+    square of ``vec``'s coordinates. ``latents``: any latents of the run (only their shape matters to ``vec``)."""
+    sigma = (torch.arange(SCALE_SIGMAS, dtype=torch.float32) + 0.5) / SCALE_SIGMAS
+    device = torch.device(denoiser.device)
+    noisy = latents[:1].to(device=device, dtype=torch.float32).expand(SCALE_SIGMAS, *latents.shape[1:])
+    vec = denoiser.modulation_vector(noisy, sigma.to(device)).float()
+    if vec.ndim != 2 or vec.shape[0] != SCALE_SIGMAS:
+        raise ModAdapterError(f"The model's modulation vector has shape {tuple(vec.shape)}, expected one row per σ "
+                              f"({SCALE_SIGMAS}, hidden): give Learn Concept an explicit learning rate")
+    scale = float(vec.pow(2).mean(dim=-1).sqrt().mean())
+    if not (math.isfinite(scale) and scale > 0):
+        raise ModAdapterError(f"The model's modulation vector has rms {scale}, so the learning-rate rule cannot "
+                              f"scale to it: give Learn Concept an explicit learning rate")
+    return scale
+
+
+def resolve_learning_rate(denoiser: Denoiser, latents: torch.Tensor, config: LearnConfig) -> Tuple[float, Optional[float]]:
+    """(learning rate, rms(vec) or None): ``config.lr`` when given, else ``relative_lr`` × rms(vec) of the model."""
+    if config.lr is not None:
+        return float(config.lr), None
+    scale = modulation_scale(denoiser, latents)
+    return config.relative_lr * scale, scale
 
 
 def sample_sigmas(generator: torch.Generator, batch_size: int, sigma_range: Tuple[float, float],
@@ -229,13 +326,38 @@ class _FrozenModel:
 
     def __exit__(self, *exc) -> None:
         for p, flag in zip(self.parameters, self.saved):
-            p.requires_grad_(flag)
+            if flag and p.is_inference():
+                # ComfyUI loads weights under inference mode, and such a tensor can be switched back to
+                # requires_grad=True only there (switching it off works anywhere).
+                with torch.inference_mode():
+                    p.requires_grad_(True)
+            else:
+                p.requires_grad_(flag)
+
+
+def _check_partners(partners: Sequence[IsolationPartner], latents: torch.Tensor,
+                    words: Sequence[str]) -> List[IsolationPartner]:
+    checked = []
+    for index, partner in enumerate(partners):
+        if not isinstance(partner, IsolationPartner) or not isinstance(partner.denoiser, Denoiser):
+            raise TypeError(f"isolation partner {index} must be an IsolationPartner with a Denoiser")
+        _check_latents(partner.latents, f"isolation partner {index}'s latents")
+        if partner.latents.shape[0] != 1 or partner.latents.shape[1:] != latents.shape[1:]:
+            raise ModAdapterError(
+                f"isolation partner {index} is {tuple(partner.latents.shape)}, the concept images "
+                f"{tuple(latents.shape)}: give one partner image of the concept images' size")
+        if len(partner.positions) != len(words):
+            raise ModAdapterError(f"isolation partner {index} has {len(partner.positions)} position lists for "
+                                  f"{len(words)} concept words")
+        checked.append(IsolationPartner(partner.denoiser, _check_positions(partner.positions, words),
+                                        partner.latents))
+    return checked
 
 
 def _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init) -> Tuple[List[str], List[List[int]]]:
     """learn_concepts' inputs, checked: (the words, named if not given; the positions)."""
     if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"learn_concepts needs a Denoiser (velocity, model_parameters, layout, "
+        raise TypeError(f"learn_concepts needs a Denoiser (velocity, modulation_vector, model_parameters, layout, "
                         f"device), got {type(denoiser).__name__}")
     if words is None:
         words = [f"concept {k + 1}" for k in range(len(positions))]
@@ -274,6 +396,29 @@ def _starting_directions(init, num_concepts: int, layout: FluxLayout,
     return global_directions, block_offsets
 
 
+def _isolation_loss(partner: IsolationPartner, generator: torch.Generator, config: LearnConfig, in_stage1: bool,
+                    clean: torch.Tensor, deltas: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One isolation step: a concept image (drawn as a training batch draws it) left of the partner, both noised
+    with one σ; the concept's half learns as usual, the partner's half must match the model without Δ."""
+    batch = config.batch_size
+    image_index = torch.randint(clean.shape[0], (batch,), generator=generator)
+    sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
+                          config.range_probability, config.min_sigma)
+    width = clean.shape[-1]
+    composed = torch.cat([clean[image_index.to(device)], partner.latents.to(device).expand(batch, -1, -1, -1)], dim=-1)
+    noise = torch.randn(composed.shape, generator=generator).to(device)
+    sigma = sigma.to(device)
+    noisy, target = flow_matching_pair(composed, noise, sigma)
+    # The model without Δ first: a host may recompute the forward with Δ during backward (activation
+    # checkpointing), and it recomputes with the concepts of the last forward it ran.
+    with torch.no_grad():
+        without = partner.denoiser.velocity(noisy, sigma, [], []).float()
+    prediction = partner.denoiser.velocity(noisy, sigma, deltas, partner.positions).float()
+    concept_half = F.mse_loss(prediction[..., :width], target[..., :width])
+    partner_half = F.mse_loss(prediction[..., width:], without[..., width:])
+    return 0.5 * (concept_half + partner_half)  # the mean over the composed image
+
+
 def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: bool, clean: torch.Tensor,
                     flipped: Optional[torch.Tensor],
                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,6 +450,7 @@ def learn_concepts(
     init: Optional[Sequence[Optional[torch.Tensor]]] = None,
     progress: Optional[Callable[[int, int, float], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    isolation: Sequence[IsolationPartner] = (),
 ) -> LearnResult:
     """Learn one Δ table per concept word on the images ``latents`` (TokenVerse recipe).
 
@@ -323,6 +469,10 @@ def learn_concepts(
         during stage 1), so the run starts exactly at ``init``.
     progress: called after every step with (step, total_steps, loss).
     should_stop: polled before every step; True ends the run with ``stopped=True``.
+    isolation: TokenVerse's concept-isolation partners. On ``config.isolation_probability``
+        of the steps, one of them (uniformly) is composed with a concept image
+        (:class:`IsolationPartner`); no flips on those steps. Without partners
+        the run draws exactly the random numbers it drew before they existed.
 
     Raises :class:`LearningDivergedError` when the loss or the gradient is NaN
     or infinite (lower the learning rate), :class:`ModAdapterError` for
@@ -331,17 +481,23 @@ def learn_concepts(
     config = config or LearnConfig()
     config.validate()
     words, positions = _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init)
+    partners = _check_partners(isolation, latents, words)
     device = torch.device(denoiser.device)
     num_concepts = len(words)
     global_directions, block_offsets = _starting_directions(init, num_concepts, denoiser.layout, device)
-    optimizer = torch.optim.Adam([global_directions], lr=config.lr)
 
     # Copies: a host may hand over inference-mode tensors (ComfyUI), which autograd must not see.
     clean = latents.detach().to(device=device, dtype=torch.float32).clone()
+    lr, vec_rms = resolve_learning_rate(denoiser, clean, config)
+    if vec_rms is not None:
+        logger.info("learn concept: learning rate %.4g = %g x rms(vec) %.4g of this model", lr, config.relative_lr,
+                    vec_rms)
+    optimizer = torch.optim.Adam([global_directions], lr=lr)
+    clip_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm / (vec_rms or 1.0)
     flipped = None if flipped_latents is None else flipped_latents.detach().to(device=device, dtype=torch.float32).clone()
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
 
-    result = LearnResult(deltas=[], words=words)
+    result = LearnResult(deltas=[], words=words, lr=lr, vec_rms=vec_rms)
     with _FrozenModel(denoiser.model_parameters()) as frozen:
         for step in range(config.steps):
             if should_stop is not None and should_stop():
@@ -351,17 +507,22 @@ def learn_concepts(
             if not in_stage1 and not block_offsets.requires_grad:
                 block_offsets.requires_grad_(True)
                 optimizer.add_param_group({"params": [block_offsets],
-                                           "lr": config.offset_lr if config.offset_lr is not None else config.lr})
+                                           "lr": config.offset_lr if config.offset_lr is not None else lr})
 
-            noisy, sigma, target = _training_batch(generator, config, in_stage1, clean, flipped, device)
             deltas = [global_directions[k][None, :] + block_offsets[k] for k in range(num_concepts)]
-            prediction = denoiser.velocity(noisy, sigma, deltas, positions)
-            loss = F.mse_loss(prediction.float(), target)
+            isolating = bool(partners) and float(torch.rand((), generator=generator)) < config.isolation_probability
+            if isolating:
+                partner = partners[int(torch.randint(len(partners), (), generator=generator))]
+                loss = _isolation_loss(partner, generator, config, in_stage1, clean, deltas, device)
+            else:
+                noisy, sigma, target = _training_batch(generator, config, in_stage1, clean, flipped, device)
+                prediction = denoiser.velocity(noisy, sigma, deltas, positions)
+                loss = F.mse_loss(prediction.float(), target)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise LearningDivergedError(
                     f"Learning diverged at step {step + 1} of {config.steps}: the loss is {loss_value}. Nothing was "
-                    f"saved. Lower the learning rate (now {config.lr:g}), keep gradient clipping on, and run the model "
+                    f"saved. Lower the learning rate (now {lr:g}), keep gradient clipping on, and run the model "
                     f"in bfloat16 or float32 (float16 overflows in FLUX)."
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -369,12 +530,11 @@ def learn_concepts(
             if step == 0:
                 frozen.check_no_gradients()
             trainable = [p for p in (global_directions, block_offsets) if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.max_grad_norm if config.max_grad_norm is not None else math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
             if not math.isfinite(float(grad_norm)):
                 raise LearningDivergedError(
                     f"Learning diverged at step {step + 1} of {config.steps}: the gradient of Δ is "
-                    f"{float(grad_norm)}. Nothing was saved. Lower the learning rate (now {config.lr:g}) and run the "
+                    f"{float(grad_norm)}. Nothing was saved. Lower the learning rate (now {lr:g}) and run the "
                     f"model in bfloat16 or float32."
                 )
             optimizer.step()

@@ -10,6 +10,7 @@ learning.
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .flux_diffusers import (
     DEFAULT_TRAINING_GUIDANCE,
     encode_caption,
     fit_image,
+    flux_modulation_vector,
     flux_velocity,
     load_flux_pipeline,
     load_t5_tokenizer,
@@ -75,6 +77,18 @@ class DiffusersDenoiser:
         with self.host.using(concepts):
             return flux_velocity(self.transformer, noisy_latents.to(self.device), sigma, self.prompt_embeds,
                                  self.pooled_prompt_embeds, self.guidance)
+
+    def with_caption(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> "DiffusersDenoiser":
+        """The same model and concept host on another caption (an isolation partner's composed caption). It shares
+        this denoiser's host: close this one, not the copy."""
+        other = copy.copy(self)
+        other.prompt_embeds = prompt_embeds.detach().to(self.device, self.dtype)
+        other.pooled_prompt_embeds = pooled_prompt_embeds.detach().to(self.device, self.dtype)
+        return other
+
+    @torch.no_grad()
+    def modulation_vector(self, noisy_latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return flux_modulation_vector(self.transformer, sigma, self.pooled_prompt_embeds, self.guidance)
 
     def model_parameters(self) -> Iterable[torch.Tensor]:
         return self.transformer.parameters()
@@ -186,15 +200,31 @@ def _check_request(words: Sequence[str], caption: str, max_sequence_length: int)
     return words
 
 
+@dataclass
+class _EncodedRun:
+    """What the learning run needs once the text encoders and the VAE are gone."""
+
+    transformer: torch.nn.Module  # frozen, on the run's device
+    prompt_embeds: torch.Tensor  # T5 of the caption
+    pooled: torch.Tensor  # CLIP-L pooled of the caption
+    latents: torch.Tensor  # the concept images
+    flipped_latents: torch.Tensor  # their mirror images
+    partners: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # isolation: (T5, pooled, latents (1, C, H, W))
+
+
 def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.device, caption: str,
-                                     max_sequence_length: int, pixels: torch.Tensor, gradient_checkpointing: bool):
-    """Encode the caption and the images (and their mirror images) once, then free the text encoders and the VAE:
-    (the frozen transformer on ``device``, T5 embeddings, pooled CLIP, latents, flipped latents)."""
+                                     max_sequence_length: int, pixels: torch.Tensor, gradient_checkpointing: bool,
+                                     partners: Sequence[Tuple[str, torch.Tensor]] = ()) -> _EncodedRun:
+    """Encode the caption and the images (and their mirror images) once, and each isolation partner's composed
+    caption and image, then free the text encoders and the VAE."""
     pipe = load_flux_pipeline(source, dtype)
     prompt_embeds, pooled = encode_caption(pipe, caption, device, max_sequence_length)
     pipe.vae.to(device)
     latents = vae_encode(pipe.vae, pixels, device, one_at_a_time=True).cpu()
     flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), device, one_at_a_time=True).cpu()
+    encoded_partners = [(*encode_caption(pipe, text, device, max_sequence_length),
+                         vae_encode(pipe.vae, image[None], device, one_at_a_time=True).cpu())
+                        for text, image in partners]
     transformer = pipe.transformer
     del pipe  # the text encoders and the VAE are not needed any more
     gc.collect()
@@ -204,7 +234,7 @@ def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.d
     transformer.requires_grad_(False)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return transformer, prompt_embeds, pooled, latents, flipped_latents
+    return _EncodedRun(transformer, prompt_embeds, pooled, latents, flipped_latents, encoded_partners)
 
 
 def learn_concept_files(
@@ -227,16 +257,19 @@ def learn_concept_files(
     show_progress: bool = True,
     should_stop=None,
     log=print,
+    isolation: Sequence[Tuple[str, str]] = (),
 ) -> LearnFilesReport:
     """Learn one concept file per word of ``caption`` from ``images`` with FLUX.1 (diffusers).
 
     Everything a user can get wrong (paths, words, resolution, output files)
     is checked before the models are loaded. Files are written only after the
     whole run succeeded: a stop request or a diverging loss writes nothing.
+    isolation: (image file, its caption) pairs for TokenVerse's concept-isolation loss
+    (:class:`~.learn_concept.IsolationPartner`).
     """
     from .concept import Concept
     from .concept_file import save_concept
-    from .learn_concept import LearnConfig, evaluate_loss, learn_concepts
+    from .learn_concept import IsolationPartner, LearnConfig, composed_caption, evaluate_loss, learn_concepts
     from .token_positions import TextSequenceLayout, find_concept_positions
 
     config = config or LearnConfig()
@@ -255,10 +288,14 @@ def learn_concept_files(
     positions = find_concept_positions(layout, caption, words)
     for word, pos in zip(words, positions):
         log(f"word {word!r}: T5 tokens {pos}")
+    partner_pixels = load_concept_images([image for image, _ in isolation], resolution)[0] if isolation else []
+    partners = [(composed_caption(layout, caption, text), image)
+                for (_, text), image in zip(isolation, partner_pixels)]
 
     log(f"loading FLUX.1 from {source.transformer_file or source.components} ({run_dtype}, {run_device})")
-    transformer, prompt_embeds, pooled, latents, flipped_latents = _encode_and_keep_the_transformer(
-        source, run_dtype, run_device, caption, max_sequence_length, pixels, gradient_checkpointing)
+    run = _encode_and_keep_the_transformer(source, run_dtype, run_device, caption, max_sequence_length, pixels,
+                                           gradient_checkpointing, partners)
+    latents = run.latents
 
     bar = None
     if show_progress:
@@ -273,9 +310,13 @@ def learn_concept_files(
 
     eval_loss = eval_without = None
     try:
-        with DiffusersDenoiser(transformer, prompt_embeds, pooled, guidance=guidance, device=run_device) as denoiser:
-            result = learn_concepts(denoiser, latents, positions, config, words=words, flipped_latents=flipped_latents,
-                                    progress=progress, should_stop=should_stop)
+        with DiffusersDenoiser(run.transformer, run.prompt_embeds, run.pooled, guidance=guidance,
+                               device=run_device) as denoiser:
+            isolation_partners = [IsolationPartner(denoiser.with_caption(embeds, pooled), positions, image)
+                                  for embeds, pooled, image in run.partners]
+            result = learn_concepts(denoiser, latents, positions, config, words=words,
+                                    flipped_latents=run.flipped_latents, progress=progress, should_stop=should_stop,
+                                    isolation=isolation_partners)
             if not result.stopped and eval_draws > 0:
                 eval_loss = evaluate_loss(denoiser, latents, result.deltas, positions, seed=config.seed,
                                           num_draws=eval_draws)
@@ -286,6 +327,8 @@ def learn_concept_files(
         if bar is not None:
             bar.close()
     final_loss = result.losses[-1] if result.losses else None
+    if result.vec_rms is not None:
+        log(f"learning rate {result.lr:.4g}: {config.relative_lr:g} × this model's rms(vec), {result.vec_rms:.4g}")
     if result.stopped:
         log(f"stopped after {result.steps_done} of {config.steps} steps; nothing was saved")
         return LearnFilesReport([], True, result.steps_done, final_loss, None, None)
@@ -297,10 +340,16 @@ def learn_concept_files(
     learned_source = {
         "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
         "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
-        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": config.lr,
+        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": result.lr,
         "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
         "flux": os.path.basename(os.path.normpath(flux)),
     }
+    if isolation:
+        learned_source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
+                              isolation_captions=[text for _, text in isolation],
+                              isolation_probability=config.isolation_probability)
+    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
+        learned_source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
     if eval_loss is not None:
         learned_source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
     concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]

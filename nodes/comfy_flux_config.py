@@ -6,6 +6,8 @@ toy world's FLUX.1 (and the tests' tiny ones) are small, so the config is
 detected on a FLUX.1 key set of the right sizes and the sizes are then set.
 """
 
+from typing import Optional
+
 import torch
 
 
@@ -47,14 +49,16 @@ def flux_unet_config(*, vec_in_dim: int, context_in_dim: int, hidden_size: int, 
     return config
 
 
-def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32, device="cpu"):
-    """An uninitialised ComfyUI FLUX.1 BaseModel from a unet config, through the version's own model config class."""
+def comfy_flux_model(config: dict, dtype: torch.dtype = torch.float32, device="cpu",
+                     manual_cast_dtype: Optional[torch.dtype] = None):
+    """An uninitialised ComfyUI FLUX.1 BaseModel from a unet config, through the version's own model config class.
+    ``manual_cast_dtype``: compute in this dtype from weights stored in ``dtype`` (ComfyUI's fp8 loading)."""
     import comfy.model_detection
 
     model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
     if model_config is None:
         raise RuntimeError(f"This ComfyUI has no model config for {config}")
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
     return model_config.get_model({}, device=device)
 
 

@@ -15,7 +15,7 @@ from ..modules.concept_images import check_image_batch
 from ..modules.concept_set import ConceptList, resolve_concepts
 from ..modules.curve_plot import loss_panel, render_panels
 from ..modules.errors import ModAdapterError
-from ..modules.learn_concept import LearnConfig, learn_concepts
+from ..modules.learn_concept import RELATIVE_LR, IsolationPartner, LearnConfig, composed_caption, learn_concepts
 from ..modules.token_positions import find_concept_positions
 from .model_folders import CONCEPT_FOLDER, default_folder
 from .modulation_apply import clip_t5_layout
@@ -27,6 +27,26 @@ def parse_words(words: str):
     if not parsed:
         raise ModAdapterError("Give at least one concept word to learn (comma-separated, e.g. 'dog, beach').")
     return parsed
+
+
+def isolation_partners(denoiser, clip, vae, model, caption: str, positions, images, captions: str, resolution: int):
+    """TokenVerse's isolation partners from the node's optional second image set: one caption per line, one per
+    image, or one line for every image."""
+    lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+    if len(lines) == 1:
+        lines = lines * images.shape[0]
+    if len(lines) != images.shape[0]:
+        raise ModAdapterError(f"{images.shape[0]} isolation image(s) need isolation_captions: one line that says what "
+                              f"they show, or one line per image (got {len(lines)} lines).")
+    latents, _ = images_to_latents(vae, model, images, resolution)
+    layout = clip_t5_layout(clip)
+    partners = []
+    for index, text in enumerate(lines):
+        with torch.no_grad():
+            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(composed_caption(layout, caption, text)))
+        partner = denoiser.with_caption(conditioning[0][0].clone(), conditioning[0][1]["pooled_output"])
+        partners.append(IsolationPartner(partner, positions, latents[index:index + 1].to(denoiser.device)))
+    return partners, lines
 
 
 def images_to_latents(vae, model, image, resolution: int):
@@ -68,7 +88,8 @@ def loss_curve_image(losses) -> torch.Tensor:
 
 def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
                   resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
-                  init_concepts=None, save=False, filename_prefix="learned", flip_images=True):
+                  init_concepts=None, save=False, filename_prefix="learned", flip_images=True, isolation_images=None,
+                  isolation_captions=""):
     words = parse_words(words)
     positions = find_concept_positions(clip_t5_layout(clip), caption, words)
     with torch.no_grad():
@@ -83,9 +104,14 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         init = [by_word[w.lower()].delta * by_word[w.lower()].strength if w.lower() in by_word else None for w in words]
 
     latents, flipped = images_to_latents(vae, model, image, resolution)
-    config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate, seed=seed,
+    # 0 asks for the learning-rate rule: RELATIVE_LR × this model's rms(vec), measured when the run starts.
+    config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate or None, seed=seed,
                          stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max),
                          flip_probability=0.5 if flip_images else 0.0)
+    partners, partner_captions = [], []
+    if isolation_images is not None:
+        partners, partner_captions = isolation_partners(denoiser, clip, vae, model, caption, positions,
+                                                        isolation_images, isolation_captions, resolution)
     mm.load_models_gpu([denoiser.model_patcher])
     progress = comfy.utils.ProgressBar(steps)
     with comfy_training_mode():
@@ -93,14 +119,18 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
             denoiser, latents.to(denoiser.device), positions, config, words=words,
             flipped_latents=flipped.to(denoiser.device), init=init,
             progress=lambda step, total, loss: progress.update_absolute(step, total),
-            should_stop=mm.processing_interrupted,
+            should_stop=mm.processing_interrupted, isolation=partners,
         )
     if result.stopped:
         mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt: nothing is returned or saved
         raise ModAdapterError("Learning stopped before the last step; nothing was saved.")
 
     source = {"kind": "learned", "method": "tokenverse", "steps": result.steps_done,
-              "images": int(image.shape[0]), "caption": caption}
+              "images": int(image.shape[0]), "caption": caption, "lr": result.lr}
+    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
+        source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
+    if partners:
+        source.update(isolation_captions=partner_captions, isolation_probability=config.isolation_probability)
     concepts = [Concept(word=w, delta=d, strength=1.0, source=source, num_double_blocks=_double_blocks(model))
                 for w, d in zip(words, result.deltas)]
     if save:
@@ -137,9 +167,11 @@ class ModAdapterLearnConcept(io.ComfyNode):
                              tooltip="Steps of stage 1: one global direction per word (paper: 800). The rest add "
                                      "per-block offsets."),
                 # step and round 1e-6: the frontend rounds to the step's decimals (1e-4 made 5e-5 into 1e-4)
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-6, round=1e-6,
-                               tooltip="Adam learning rate of the directions (down to 0.000001). If the loss "
-                                       "diverges, lower it."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-6,
+                               tooltip=f"Adam learning rate of the directions. 0 (default) = automatic: "
+                                       f"{RELATIVE_LR:g} × the scale (rms) of this model's modulation vector, which "
+                                       f"Δ is added to, so one default fits the toy world and FLUX.1. A number "
+                                       f"(down to 0.000001) overrides it; if the loss diverges, lower it."),
                 # No "control after generate": the frontend would re-seed (and so re-learn) on every Run.
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Same seed, same result: the seed stays as set, so running the graph again "
@@ -157,6 +189,14 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Boolean.Input("flip_images", default=True,
                                  tooltip="Also learn from the images mirrored left to right (half the steps). Turn it "
                                          "off for concepts that have a side: a pose, a light from the left."),
+                io.Image.Input("isolation_images", optional=True,
+                               tooltip="Optional other concept images (TokenVerse's concept isolation): on half the "
+                                       "steps the concept image is learned beside one of them, and the learned "
+                                       "concepts must leave it as the model draws it, so that they stay on their "
+                                       "own subject when combined with other concepts. Twice the cost of a step."),
+                io.String.Input("isolation_captions", optional=True, multiline=True, default="",
+                                tooltip="What the isolation images show: one line for all, or one line per image "
+                                        "(e.g. 'a red teapot'). The learning caption is extended with ' and <line>'."),
                 ConceptsSocket.Input("init_concepts", optional=True,
                                      tooltip="Optional starting point, e.g. a Mod-Adapter prediction of the same words: "
                                              "a few refinement steps then suffice."),
@@ -171,11 +211,12 @@ class ModAdapterLearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed, resolution,
                 stage1_t_min, stage2_t_max, gradient_checkpointing, save, filename_prefix, flip_images=True,
-                init_concepts=None) -> io.NodeOutput:
+                init_concepts=None, isolation_images=None, isolation_captions="") -> io.NodeOutput:
         with torch.inference_mode(False):  # ComfyUI executes nodes under inference mode; learning needs autograd
             concepts, curve = learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps,
                                             learning_rate, seed, resolution, stage1_t_min, stage2_t_max,
                                             gradient_checkpointing=gradient_checkpointing,
                                             init_concepts=init_concepts, save=save, filename_prefix=filename_prefix,
-                                            flip_images=flip_images)
+                                            flip_images=flip_images, isolation_images=isolation_images,
+                                            isolation_captions=isolation_captions)
         return io.NodeOutput(concepts, curve)

@@ -16,11 +16,15 @@ from mod_adapter.modules.concept import Concept
 from mod_adapter.modules.concept_file import load_concept, save_concept
 from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.learn_concept import (
+    RELATIVE_LR,
+    SCALE_SIGMAS,
     Denoiser,
+    IsolationPartner,
     LearnConfig,
     LearningDivergedError,
     evaluate_loss,
     learn_concepts,
+    modulation_scale,
     sample_sigmas,
 )
 from mod_adapter.modules.flow_matching import flow_matching_pair
@@ -39,6 +43,19 @@ FAST = LearnConfig(steps=80, stage1_steps=50, lr=2.0, seed=0, log_every=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+class FakeHost:
+    """What the fake denoisers below share: the tiny layout, the CPU, no parameters, and a modulation vector of
+    rms 1 (so that the learning-rate rule gives RELATIVE_LR)."""
+
+    layout, device = LAYOUT, torch.device("cpu")
+
+    def modulation_vector(self, noisy, sigma):
+        return torch.ones(noisy.shape[0], WIDTH)
+
+    def model_parameters(self):
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +115,7 @@ def test_stage_one_learns_one_global_direction_and_stage_two_per_block_offsets(d
 
 
 def test_evaluation_draws_differ_from_the_training_draws(latents):
-    class Recorder:
-        layout, device = LAYOUT, torch.device("cpu")
+    class Recorder(FakeHost):
 
         def __init__(self):
             self.seen = []
@@ -196,8 +212,7 @@ def test_model_parameters_receive_no_gradient_and_keep_their_flags(model, denois
 def test_a_host_that_leaks_gradients_into_the_model_is_caught(latents):
     weight = torch.nn.Parameter(torch.ones(()))
 
-    class LeakyDenoiser:
-        layout, device = LAYOUT, torch.device("cpu")
+    class LeakyDenoiser(FakeHost):
 
         def velocity(self, noisy, sigma, deltas, positions):
             weight.requires_grad_(True)  # a broken host re-enables training of the model
@@ -221,6 +236,9 @@ class _BreaksAtStep:
         self.calls += 1
         out = self.inner.velocity(*args)
         return out * float("nan") if self.calls >= self.step else out
+
+    def modulation_vector(self, noisy, sigma):
+        return self.inner.modulation_vector(noisy, sigma)
 
     def model_parameters(self):
         return self.inner.model_parameters()
@@ -246,8 +264,7 @@ def test_should_stop_ends_the_run_early(denoiser, latents):
 
 
 def test_flow_matching_convention_matches_an_oracle(latents):
-    class Oracle:  # knows x0, so its velocity (x_σ − x0)/σ is exactly ε − x0
-        layout, device = LAYOUT, torch.device("cpu")
+    class Oracle(FakeHost):  # knows x0, so its velocity (x_σ − x0)/σ is exactly ε − x0
 
         def velocity(self, noisy, sigma, deltas, positions):
             return (noisy - latents) / sigma.view(-1, 1, 1, 1)
@@ -273,8 +290,7 @@ def test_timesteps_follow_the_tokenverse_stage_ranges():
 
 
 def test_flip_augmentation_uses_the_flipped_encodings(latents):
-    class NearlyClean:  # with σ ≈ 0 the noisy latent is the (possibly flipped) clean one
-        layout, device = LAYOUT, torch.device("cpu")
+    class NearlyClean(FakeHost):  # with σ ≈ 0 the noisy latent is the (possibly flipped) clean one
 
         def __init__(self):
             self.seen = []
@@ -462,3 +478,188 @@ def test_cli_stop_request_writes_nothing(tiny_pipeline_dir, concept_images, tmp_
     assert cli.cmd_learn(args, should_stop=lambda: calls.append(1) or len(calls) > 2) == cli.EXIT_INTERRUPTED
     assert "stopped after 2 of 6 steps; nothing was saved" in capsys.readouterr().out
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_learns_with_the_rule_and_an_isolation_image(tiny_pipeline_dir, concept_images, tmp_path, capsys,
+                                                           monkeypatch):
+    widths = []
+    original = DiffusersDenoiser.velocity
+    monkeypatch.setattr(DiffusersDenoiser, "velocity",
+                        lambda self, noisy, *a: widths.append(noisy.shape[-1]) or original(self, noisy, *a))
+    args = _learn_args(tiny_pipeline_dir, concept_images[:1], tmp_path / "out", "--isolate-with", concept_images[1],
+                       "a blue teapot", "--isolation-probability", "1")
+    del args[args.index("--lr"):args.index("--lr") + 2]  # the rule
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    source = load_concept(tmp_path / "out" / "dog.safetensors").source
+    assert source["vec_rms"] > 0 and source["lr"] == pytest.approx(RELATIVE_LR * source["vec_rms"], rel=1e-5)
+    assert f"learning rate {source['lr']:.4g}" in printed
+    assert source["isolation_images"] == ["wide.png"] and source["isolation_captions"] == ["a blue teapot"]
+    # Every step composed the 8-latent-wide image with the partner: the model without Δ, then with it (under
+    # gradient checkpointing, the CLI's default, which recomputes the last forward's concepts in backward).
+    assert widths[:12] == [16] * 12 and widths[12:] == [8] * (len(widths) - 12)
+
+
+def test_cli_refuses_an_isolation_caption_the_model_cannot_read_before_loading_flux(
+        tiny_pipeline_dir, concept_images, tmp_path, capsys):
+    args = _learn_args(tiny_pipeline_dir, concept_images[:1], tmp_path / "out", "--isolate-with", concept_images[1],
+                       "a very long description " * 8)
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert "is longer than the 31 text tokens" in captured.err and "loading FLUX.1" not in captured.out
+
+
+def test_cli_help_states_the_rules_default():
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["learn"].format_help().split())
+    assert f"default {RELATIVE_LR:g}, measured on the toy world" in help_text
+
+
+# --------------------------------------------------------------------------
+# The learning-rate rule
+# --------------------------------------------------------------------------
+
+
+class ScaledHost(FakeHost):
+    """A modulation vector of rms ``scale``; the velocity reads Δ, so that every step has a gradient."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def modulation_vector(self, noisy, sigma):
+        return torch.full((noisy.shape[0], WIDTH), float(self.scale))
+
+    def velocity(self, noisy, sigma, deltas, positions):
+        return noisy + deltas[0].sum(dim=0).mean()
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 40.0])
+def test_the_rule_moves_delta_by_the_same_share_of_rms_vec_on_any_scale(latents, scale):
+    one_step = LearnConfig(steps=1, stage1_steps=1, seed=0, log_every=0)
+    result = learn_concepts(ScaledHost(scale), latents, POSITIONS, one_step)
+    assert result.vec_rms == pytest.approx(scale) and result.lr == pytest.approx(RELATIVE_LR * scale)
+    # Adam's first step moves every coordinate by the rate, whatever the gradient's size: RELATIVE_LR of rms(vec).
+    assert float(result.deltas[0].abs().max()) / scale == pytest.approx(RELATIVE_LR, rel=1e-4)
+    fixed = learn_concepts(ScaledHost(scale), latents, POSITIONS, LearnConfig(steps=1, stage1_steps=1, lr=1e-3,
+                                                                              log_every=0))
+    assert fixed.vec_rms is None and fixed.lr == 1e-3  # an explicit rate is used as given
+
+
+class LinearModulationHost(FakeHost):
+    """A FLUX.1-width (3072) stand-in whose concept tokens read W·(vec + Δ): rescaling vec by α and W by 1/α
+    gives the same model, so a rule that transfers must learn α·Δ there."""
+
+    WIDTH = 3072
+
+    def __init__(self, alpha):
+        g = torch.Generator().manual_seed(3)
+        self.layout = FluxLayout(1, 1, self.WIDTH)
+        self.alpha = alpha
+        self.vec = alpha * torch.randn(self.WIDTH, generator=g)
+        self.weight = torch.randn(16, self.WIDTH, generator=g) / (alpha * self.WIDTH ** 0.5)
+
+    def modulation_vector(self, noisy, sigma):
+        return self.vec.expand(noisy.shape[0], -1)
+
+    def velocity(self, noisy, sigma, deltas, positions):
+        shift = torch.stack([self.weight @ (self.vec + d) for d in deltas[0]]).mean(dim=0)  # (16,)
+        return noisy + shift.view(1, -1, 1, 1)
+
+
+def test_the_rule_learns_the_same_concept_on_a_rescaled_model_at_flux_width(latents):
+    for clip in (None, 0.5):  # without clipping, and with a norm that clips about half the steps (it scales too)
+        config = LearnConfig(steps=20, stage1_steps=10, seed=4, max_grad_norm=clip, log_every=0)
+        base = learn_concepts(LinearModulationHost(1.0), latents, POSITIONS, config).deltas[0]
+        for alpha in (0.1, 10.0):
+            rescaled = learn_concepts(LinearModulationHost(alpha), latents, POSITIONS, config).deltas[0]
+            torch.testing.assert_close(rescaled / alpha, base, rtol=1e-2, atol=1e-3)
+    fixed_rate = LearnConfig(steps=20, stage1_steps=10, seed=4, lr=RELATIVE_LR, max_grad_norm=None, log_every=0)
+    unscaled = learn_concepts(LinearModulationHost(10.0), latents, POSITIONS, fixed_rate).deltas[0]
+    assert not torch.allclose(unscaled / 10.0, base, rtol=1e-2)  # a fixed rate does not transfer
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_the_diffusers_modulation_vector_is_what_the_blocks_receive(caption_embeds, guidance_embeds):
+    model = tiny_diffusers_flux(guidance_embeds=guidance_embeds)
+    with DiffusersDenoiser(model, *caption_embeds, guidance=3.5) as host:
+        noisy, sigma = torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.9])
+        received = []
+        handle = model.transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: received.append(kwargs["temb"].detach()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                host.velocity(noisy, sigma, [], [])
+        finally:
+            handle.remove()
+        torch.testing.assert_close(host.modulation_vector(noisy, sigma), received[0])
+
+
+def test_the_rule_reads_the_model_and_records_the_rate(denoiser, latents):
+    result = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=2, stage1_steps=1, log_every=0))
+    scale = modulation_scale(denoiser, latents)
+    assert result.vec_rms == pytest.approx(scale) and result.lr == pytest.approx(RELATIVE_LR * scale)
+    sigma = (torch.arange(SCALE_SIGMAS) + 0.5) / SCALE_SIGMAS
+    vec = denoiser.modulation_vector(latents.expand(SCALE_SIGMAS, -1, -1, -1), sigma)
+    assert scale == pytest.approx(float(vec.pow(2).mean(dim=-1).sqrt().mean()))
+    assert not vec.requires_grad
+
+
+# --------------------------------------------------------------------------
+# TokenVerse's concept-isolation loss
+# --------------------------------------------------------------------------
+
+
+class HalvesHost(FakeHost):
+    """Δ (its mean over blocks) adds W_left·Δ to every channel of a lone or left image and W_right·Δ to the right
+    half of a composed one: a model in which a concept can, but need not, act beside itself."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(12)
+        self.left, self.right = (torch.randn(16, WIDTH, generator=g) / WIDTH ** 0.5 for _ in range(2))
+
+    def velocity(self, noisy, sigma, deltas, positions):
+        out = noisy.clone()
+        if deltas:
+            delta = deltas[0].mean(dim=0)
+            out[..., :8] = out[..., :8] + (self.left @ delta).view(1, -1, 1, 1)
+            out[..., 8:] = out[..., 8:] + (self.right @ delta).view(1, -1, 1, 1)
+        return out
+
+
+def test_isolation_keeps_delta_from_acting_on_the_partner(latents):
+    host = HalvesHost()
+    partner = IsolationPartner(host, POSITIONS, torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(8)))
+    config = LearnConfig(steps=300, stage1_steps=300, lr=0.05, seed=2, log_every=0)
+    plain = learn_concepts(host, latents, POSITIONS, config).deltas[0].mean(dim=0)
+    isolated = learn_concepts(host, latents, POSITIONS, config, isolation=[partner]).deltas[0].mean(dim=0)
+    # Both carry the concept on its own image ...
+    target = (host.left @ plain).norm()
+    assert (host.left @ isolated - host.left @ plain).norm() < 0.3 * target
+    # ... but only the isolated Δ stays off the partner.
+    assert (host.right @ isolated).norm() < 0.2 * (host.right @ plain).norm()
+
+
+def test_isolation_runs_on_the_diffusers_host_with_a_composed_caption(model, caption_embeds, latents):
+    composed = torch.cat([caption_embeds[0], torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(9))], 1)
+    with DiffusersDenoiser(model, *caption_embeds) as host:
+        partner = IsolationPartner(host.with_caption(composed, caption_embeds[1]), POSITIONS,
+                                   torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(8)))
+        isolated = learn_concepts(host, latents, POSITIONS, FAST, isolation=[partner])
+        assert held_out(host, latents, isolated.deltas) < 0.95 * held_out(host, latents, None)  # it still learns
+        assert torch.equal(host.prompt_embeds, caption_embeds[0])  # the partner's caption is its own
+
+
+def test_a_run_without_partners_draws_what_it_drew_before(denoiser, latents):
+    config = LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=5, isolation_probability=1.0, log_every=0)
+    ignored = learn_concepts(denoiser, latents, POSITIONS, config)
+    plain = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=5,
+                                                                     log_every=0))
+    torch.testing.assert_close(ignored.deltas[0], plain.deltas[0])
+
+
+def test_isolation_partners_are_checked(denoiser, latents):
+    good = IsolationPartner(denoiser, POSITIONS, latents[:1])
+    for bad, message in ((IsolationPartner(denoiser, POSITIONS, torch.zeros(1, 16, 4, 4)), "size"),
+                         (IsolationPartner(denoiser, [[3], [4]], latents[:1]), "position lists"),
+                         (IsolationPartner(denoiser, [[]], latents[:1]), "no token positions")):
+        with pytest.raises(ModAdapterError, match=message):
+            learn_concepts(denoiser, latents, POSITIONS, FAST, isolation=[good, bad])

@@ -195,3 +195,111 @@ def test_checkpointed_blocks_give_the_gradients_of_the_plain_forward(env):
             grads.append(delta.grad)
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_the_learning_rate_rule_reads_the_modulation_vector_the_blocks_receive(env):
+    import comfy.model_management
+
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+
+    clip = env["clip"]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a dog"))
+    noisy, sigma = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0.3, 0.9])
+    with torch.inference_mode(False):
+        denoiser = ComfyFluxDenoiser(env["model"], cond[0][0].clone(), cond[0][1]["pooled_output"].clone(), 3.5)
+        comfy.model_management.load_models_gpu([denoiser.model_patcher])  # as the node does
+        diffusion_model = denoiser.model_patcher.model.diffusion_model
+        received, last_block_ran = [], []
+        hooks = [diffusion_model.double_blocks[0].img_mod.register_forward_pre_hook(
+                     lambda module, args: received.append(args[0].detach().clone())),
+                 diffusion_model.single_blocks[-1].register_forward_pre_hook(
+                     lambda module, args: last_block_ran.append(True))]
+        try:
+            with torch.no_grad():
+                denoiser.velocity(noisy, sigma, [], [])
+            assert len(received) == 1 and last_block_ran == [True]
+            vec = denoiser.modulation_vector(noisy, sigma)
+            assert last_block_ran == [True]  # the probe stops at the first block's modulation
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert vec.shape == (2, 128) and vec[0].abs().max() > 0 and not torch.allclose(vec[0], vec[1])  # σ moves vec
+    torch.testing.assert_close(vec, received[0].float())
+
+
+def test_a_learning_rate_of_zero_asks_for_the_rule(env):
+    from mod_adapter.modules.learn_concept import RELATIVE_LR
+
+    concepts, _ = learn(env, lr=0.0, steps=2)
+    source = concepts.items[0].source
+    assert source["vec_rms"] > 0 and source["relative_lr"] == RELATIVE_LR
+    assert source["lr"] == pytest.approx(RELATIVE_LR * source["vec_rms"], rel=1e-5)
+    explicit, _ = learn(env, lr=5e-2, steps=2)
+    assert explicit.items[0].source["lr"] == 5e-2 and "vec_rms" not in explicit.items[0].source
+
+
+def test_isolation_images_are_learned_beside_the_concept_image(env, monkeypatch):
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+    from mod_adapter.modules.errors import ModAdapterError
+
+    widths = []
+    original = ComfyFluxDenoiser.velocity
+    monkeypatch.setattr(ComfyFluxDenoiser, "velocity",
+                        lambda self, noisy, *a: widths.append(noisy.shape[-1]) or original(self, noisy, *a))
+    partners = torch.rand(2, 48, 80, 3, generator=torch.Generator().manual_seed(4))  # resized like the concept image
+
+    def run(captions):
+        with torch.inference_mode():
+            return env["nodes"].ModAdapterLearnConcept.execute(
+                env["model"], env["clip"], env["vae"], env["image"], "a photo of a dog", "dog", 6, 3, 5e-2, 0, 64,
+                0.8, 0.8, True, False, "learned", isolation_images=partners, isolation_captions=captions).result
+
+    concepts, _ = run("a red teapot\na blue cup")
+    source = concepts.items[0].source
+    assert source["isolation_captions"] == ["a red teapot", "a blue cup"] and source["isolation_probability"] == 0.5
+    assert 16 in widths and 8 in widths  # some steps composed the 8-wide concept latent with a partner
+    assert concepts.items[0].delta.abs().max() > 0
+    one_line, _ = run("a teapot")
+    assert one_line.items[0].source["isolation_captions"] == ["a teapot", "a teapot"]
+    with pytest.raises(ModAdapterError, match="2 isolation image"):
+        run("a\nb\nc")
+
+
+@pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_learns_on_fp8_weights_as_on_the_same_weights_in_float32(env, weight_dtype):
+    """Load Diffusion Model's weight_dtype fp8: weights stored in fp8 and cast per layer (ComfyUI's manual cast)."""
+    import tiny_comfy
+
+    dtype = getattr(torch, weight_dtype)
+    with torch.inference_mode():
+        fp8 = tiny_comfy.tiny_flux_model(weight_dtype=dtype)
+        upcast = tiny_comfy.tiny_flux_model(weight_dtype=dtype, upcast=True)
+    stored = {p.dtype for p in fp8.model.diffusion_model.parameters()}
+    assert stored == {dtype}
+    learned = [learn(dict(env, model=model), steps=6)[0].items[0].delta for model in (fp8, upcast)]
+    assert learned[0].abs().max() > 0  # the gradient reached Δ through the fp8 layers
+    # The same float32 arithmetic on the same values: equal up to summation order.
+    torch.testing.assert_close(learned[0], learned[1], rtol=1e-4, atol=1e-6)
+
+
+def test_no_weight_of_the_model_receives_a_gradient_and_its_flags_come_back(env):
+    """ComfyUI 0.3.x loads weights with requires_grad=True: the run freezes them (else every weight's gradient
+    is computed and kept) and gives each its flag back."""
+    import comfy.model_management
+
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+    from mod_adapter.modules.learn_concept import LearnConfig, learn_concepts
+    from mod_adapter.nodes.learn_concept import comfy_training_mode
+
+    clip = env["clip"]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a dog"))
+    with torch.inference_mode(False), comfy_training_mode():
+        denoiser = ComfyFluxDenoiser(env["model"], cond[0][0].clone(), cond[0][1]["pooled_output"].clone())
+        comfy.model_management.load_models_gpu([denoiser.model_patcher])
+        weights = list(denoiser.model_parameters())
+        flags = [p.requires_grad for p in weights]
+        result = learn_concepts(denoiser, torch.randn(1, 16, 8, 8), [[3]],
+                                LearnConfig(steps=2, stage1_steps=1, lr=1e-2, log_every=0))
+    assert result.deltas[0].abs().max() > 0
+    assert not [p for p in weights if p.grad is not None]
+    assert [p.requires_grad for p in weights] == flags

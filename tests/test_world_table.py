@@ -2,7 +2,6 @@
 
 import pytest
 
-from mod_adapter.modules.world.evaluation import WORLD_LEARN_LR
 from mod_adapter.modules.world.scene import ATTRIBUTES
 from mod_adapter.modules.world.split import EVAL, split_of
 from mod_adapter.modules.world.table import MULTI, SINGLE, make_cases, score_case, summarise
@@ -162,7 +161,7 @@ def test_the_table_command_writes_every_row_with_its_difference_from_the_bare_wo
                           "single", "--grid-rows", "1", "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["learn_lr"] == WORLD_LEARN_LR  # the world's rate, not Learn Concept's FLUX.1 default
+    assert report["learn_lr"] == "rule"  # Learn Concept's learning-rate rule, as for an artist
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"bare", "adapter:full", "learn"}
     assert rows["bare"]["images"] == 10 and rows["learn"]["images"] == 5

@@ -135,10 +135,10 @@ def cmd_world_eval_flux(args: argparse.Namespace) -> int:
 
 def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     from ..learn_concept import LearnConfig
-    from .evaluation import WORLD_LEARN_LR, concept_learning
+    from .evaluation import concept_learning
 
     paths, pipe, judge = world_pipeline(args.world)
-    learn_lr = WORLD_LEARN_LR if args.learn_lr is None else args.learn_lr
+    learn_lr = args.learn_lr  # None: Learn Concept's learning-rate rule
     learn_batch_size = LearnConfig.batch_size if args.learn_batch_size is None else args.learn_batch_size
     rows = []
     for kind in args.kinds:
@@ -149,7 +149,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                                   log=lambda message: print(message, file=sys.stderr))
         rows.append(scores.summary())
     print(json.dumps({"concepts_per_kind": args.concepts, "prompts_per_concept": args.prompts,
-                      "learn_steps": args.learn_steps, "learn_lr": learn_lr,
+                      "learn_steps": args.learn_steps, "learn_lr": learn_lr if learn_lr is not None else "rule",
                       "learn_batch_size": learn_batch_size, "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
     return 0
@@ -171,11 +171,10 @@ def cmd_world_table(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import methods
-    from .evaluation import WORLD_LEARN_LR
     from .table import picture_grid, table_rows
 
     paths, pipe, judge = world_pipeline(args.world)
-    learn_lr = WORLD_LEARN_LR if args.learn_lr is None else args.learn_lr
+    learn_lr = args.learn_lr  # None: Learn Concept's learning-rate rule
     models = methods.WorldModels.load(paths, pipe)
     rows, grid_results = table_rows(
         args.rows, args.sets, lambda name, checkpoint: methods.row_method(
@@ -187,7 +186,7 @@ def cmd_world_table(args: argparse.Namespace) -> int:
         on_row=lambda row: print(json.dumps(row), file=sys.stderr))
     output = {"count_per_kind_set": args.count, "learn_count_per_kind_set": args.learn_count, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "learn_steps": args.learn_steps, "hybrid_steps": args.hybrid_steps,
-              "learn_lr": learn_lr, "rows": rows}
+              "learn_lr": learn_lr if learn_lr is not None else "rule", "rows": rows}
     if args.grid and grid_results:
         from PIL import Image
 
@@ -345,8 +344,8 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--prompts", type=int, default=8, help="prompts per concept image (default 8)")
     eval_learn.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
     eval_learn.add_argument("--learn-lr", type=float,
-                            help="Learn Concept learning rate (default: the world's, WORLD_LEARN_LR in "
-                                 "modules/world/evaluation.py)")
+                            help="Learn Concept learning rate (default: Learn Concept's rule, 0.0125 × the model's "
+                                 "rms(vec))")
     eval_learn.add_argument("--learn-batch-size", type=int,
                             help="noise draws of the concept image per Learn Concept step (default: Learn Concept's "
                                  "own, 1)")
@@ -375,8 +374,8 @@ def add_world_commands(sub) -> None:
     table.add_argument("--learn-steps", type=int, default=1400, help="Learn Concept steps (default 1400)")
     table.add_argument("--hybrid-steps", type=int, default=100, help="hybrid refinement steps (default 100)")
     table.add_argument("--learn-lr", type=float,
-                       help="learning rate of the learn and hybrid rows (default: the world's, WORLD_LEARN_LR in "
-                            "modules/world/evaluation.py)")
+                       help="learning rate of the learn and hybrid rows (default: Learn Concept's rule, 0.0125 × "
+                            "the model's rms(vec))")
     table.add_argument("--versus", metavar="ROW",
                        help="also give each later row's paired difference from this row (its name as in --rows, "
                             "e.g. adapter:full), as with the bare word")

@@ -34,10 +34,6 @@ from .split import EVAL, random_scene
 from .transformer import MAX_SEQUENCE_LENGTH
 
 ABSTRACT_KINDS = ("surface", "pose", "lighting", "background")  # new kinds go last: the index seeds the draws
-# Learn Concept's learning rate on the world. The pack's default (1e-3, set for FLUX.1) is too small here: Adam
-# moves each coordinate of Δ by about lr per step, and on this model's 128-wide modulation the Δ that carries a
-# concept lies farther than 1,400 such steps reach (a sweep over 3e-4 ... 3e-2 is in docs/results.md).
-WORLD_LEARN_LR = 1e-2
 
 
 def judge_reads(judge, images: torch.Tensor) -> List[Dict[str, str]]:
@@ -137,7 +133,7 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
 
 def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
                      steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
-                     lr: float = WORLD_LEARN_LR, batch_size: int = LearnConfig.batch_size,
+                     lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
                      log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
     from ..concept_file import load_concept
@@ -164,7 +160,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                                      max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0, overwrite=True,
                                      show_progress=False, log=lambda message: None)
         scores.learn_seconds.append(time.perf_counter() - started)
-        delta = load_concept(report.paths[0]).delta
+        learned = load_concept(report.paths[0])
+        delta = learned.delta
         targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
         prompts = [concept_caption(t, kind) for t in targets]
         seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
@@ -180,6 +177,6 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
             scores.cp_bare.append(cp0)
             scores.pf_bare.append(pf0)
         log(f"{kind} {c + 1}/{concepts}: CP {np.mean(scores.cp):.2f} (bare word {np.mean(scores.cp_bare):.2f}), "
-            f"PF {np.mean(scores.pf):.2f}, {scores.learn_seconds[-1]:.0f} s to learn")
+            f"PF {np.mean(scores.pf):.2f}, {scores.learn_seconds[-1]:.0f} s to learn at lr {learned.source['lr']:.3g}")
     return scores
 

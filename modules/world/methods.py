@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ModAdapterError
 from ..token_modulation import TokenConcept
-from .evaluation import WORLD_LEARN_LR, word_positions
+from .evaluation import word_positions
 from .pairs import concept_caption
 from .scene import Scene, render
 from .table import Case, all_text_positions, description
@@ -116,7 +116,7 @@ def adapter_method(models: WorldModels, checkpoint: str, *, everywhere: bool = F
 class ConceptLearner:
     """Learn Concept (TokenVerse mode) on one concept image, in process, with the pack's learning loop."""
 
-    def __init__(self, models: WorldModels, *, steps: int, lr: float = WORLD_LEARN_LR, seed: int = 0):
+    def __init__(self, models: WorldModels, *, steps: int, lr: Optional[float] = None, seed: int = 0):
         self.models, self.steps, self.lr, self.seed = models, steps, lr, seed
         self.cache: Dict[Tuple[Scene, str, int], torch.Tensor] = {}
 
@@ -145,7 +145,7 @@ class ConceptLearner:
 
 
 def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Optional[str] = None,
-                         lr: float = WORLD_LEARN_LR, seed: int = 0):
+                         lr: Optional[float] = None, seed: int = 0):
     """TokenVerse per concept image (``steps`` each at ``lr``), optionally started from an adapter's prediction
     (hybrid)."""
     learner = ConceptLearner(models, steps=steps, lr=lr, seed=seed)
