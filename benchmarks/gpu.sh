@@ -3,11 +3,12 @@
 #
 #   bash benchmarks/gpu.sh [--cpu-tiny] [--budget SECONDS] [OUTFILE]
 #
-# Full mode (default; one H100/H200-class GPU, < 8 min): random weights throughout,
+# Full mode (default; one H100/H200-class GPU, about 8 min): random weights throughout,
 #   adapter        benchmarks/adapter.py     --preset paper, bfloat16, 1/3/8 concepts
 #   mod-diffusers  benchmarks/modulation.py  --host diffusers --preset flux1-full, 1024x1024
 #   mod-comfy      benchmarks/modulation.py  --host comfy (only when COMFYUI_PATH is set)
 #   learn          benchmarks/learn.py       --preset flux1 (one Learn Concept step at FLUX.1 size)
+#   learn-memory   benchmarks/learn_memory.py --device cuda (one FLUX.1 block of each kind: memory, time, FLOPs)
 #   train-pretrain benchmarks/training.py    --mode full --stages pretrain
 #   train-train    benchmarks/training.py    --mode full --stages train
 # Tiny mode (--cpu-tiny or GPU_SH_TINY=1): the same parts with the tiny presets on the CPU, in
@@ -21,7 +22,7 @@
 # benchmarks/out/gpu_results.md.
 #
 # Environment: PYTHON (default: python, else python3), GPU_SH_TINY=1, GPU_SH_BUDGET_S (seconds for
-# all parts; default 420 full, 150 tiny), GPU_SH_PARTS (comma-separated part names to run, default
+# all parts; default 480 full, 150 tiny), GPU_SH_PARTS (comma-separated part names to run, default
 # all), COMFYUI_PATH (adds mod-comfy: a ComfyUI checkout, the user's own or a tree from the cache
 # that .ci/run reads). The training parts use the FLUX.1 tokenizer files shipped in world/flux.
 # Exit status: 0 when every part that ran passed, 1 otherwise.
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --cpu-tiny|--tiny) tiny=1 ;;
         --budget) shift; budget="${1:?--budget needs seconds}" ;;
         --budget=*) budget="${1#--budget=}" ;;
-        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$outfile" ] || { echo "gpu.sh: one OUTFILE only" >&2; exit 2; }; outfile="$1" ;;
     esac
@@ -62,7 +63,7 @@ if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 if [ -z "$budget" ]; then
-    if [ "$tiny" = 1 ]; then budget="${GPU_SH_BUDGET_S:-150}"; else budget="${GPU_SH_BUDGET_S:-420}"; fi
+    if [ "$tiny" = 1 ]; then budget="${GPU_SH_BUDGET_S:-150}"; else budget="${GPU_SH_BUDGET_S:-480}"; fi
 fi
 export PYTHONUNBUFFERED=1
 mode_name=$([ "$tiny" = 1 ] && echo "cpu-tiny" || echo "full (GPU)")
@@ -272,6 +273,8 @@ if [ "$tiny" = 1 ]; then
     fi
     run_part learn 40 "$WORK/learn.json" \
         "$P" benchmarks/learn.py --preset tiny --device cpu --resolution 128 --steps 3 --warmup 1 --threads 1 --json "$WORK/learn.json"
+    run_part learn-memory 40 "$WORK/learn-memory.json" \
+        "$P" benchmarks/learn_memory.py --quick --device cpu --threads 1 --out "$WORK/learn-memory.json"
     run_part train-pretrain 50 "$WORK/train-pretrain.json" \
         "$P" benchmarks/training.py --mode tiny --device cpu --steps 3 --stages pretrain --json-out "$WORK/train-pretrain.json"
     run_part train-train 50 "$WORK/train-train.json" \
@@ -285,6 +288,8 @@ else
         --concepts 1,3,8 --json "$WORK/mod-diffusers.json"
     run_part learn 150 "$WORK/learn.json" \
         "$P" benchmarks/learn.py --preset flux1 --json "$WORK/learn.json"
+    run_part learn-memory 120 "$WORK/learn-memory.json" \
+        "$P" benchmarks/learn_memory.py --device cuda --out "$WORK/learn-memory.json"
     if [ -n "${COMFYUI_PATH:-}" ]; then
         run_part mod-comfy 180 "$WORK/mod-comfy.json" \
             "$P" benchmarks/modulation.py --host comfy --comfyui "$COMFYUI_PATH" --preset flux1-full --device cuda \

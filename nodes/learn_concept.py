@@ -16,6 +16,7 @@ from ..modules.concept_set import ConceptList, resolve_concepts
 from ..modules.curve_plot import loss_panel, render_panels
 from ..modules.errors import ModAdapterError
 from ..modules.learn_concept import RELATIVE_LR, IsolationPartner, LearnConfig, composed_caption, learn_concepts
+from ..modules.learn_memory import check_learn_fits, estimate_learn_peak
 from ..modules.token_positions import find_concept_positions
 from .model_folders import CONCEPT_FOLDER, default_folder
 from .modulation_apply import clip_t5_layout
@@ -47,6 +48,19 @@ def isolation_partners(denoiser, clip, vae, model, caption: str, positions, imag
         partner = denoiser.with_caption(conditioning[0][0].clone(), conditioning[0][1]["pooled_output"])
         partners.append(IsolationPartner(partner, positions, latents[index:index + 1].to(denoiser.device)))
     return partners, lines
+
+
+def refuse_runs_that_cannot_fit(layout, weight_dtype, compute_dtype, device, total_bytes: int, resolution: int,
+                                gradient_checkpointing: bool, isolation: bool, concepts: int):
+    """Before anything runs: an error naming the setting that would fit when the estimated peak
+    (:func:`~..modules.learn_memory.estimate_learn_peak`) exceeds the GPU's memory. The CPU is not refused:
+    its memory is the machine's, which ComfyUI does not budget."""
+    if torch.device(device).type != "cuda":
+        return None
+    estimate = estimate_learn_peak(resolution, weight_dtype, compute_dtype, gradient_checkpointing=gradient_checkpointing,
+                                   layout=layout, concepts=concepts, isolation=isolation,
+                                   weights_copied=True)  # the ComfyUI host copies every weight for autograd
+    return check_learn_fits(estimate, total_bytes, device_name=f"this GPU ({device})")
 
 
 def images_to_latents(vae, model, image, resolution: int):
@@ -97,6 +111,9 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
     context, extras = conditioning[0][0].clone(), conditioning[0][1]
     denoiser = ComfyFluxDenoiser(model, context, extras["pooled_output"], guidance,
                                  gradient_checkpointing=gradient_checkpointing)
+    refuse_runs_that_cannot_fit(denoiser.layout, model.model.get_dtype(), denoiser.compute_dtype, denoiser.device,
+                                mm.get_total_memory(denoiser.device), resolution, gradient_checkpointing,
+                                isolation_images is not None, len(words))
 
     init = None
     if init_concepts is not None:

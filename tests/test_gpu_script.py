@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("adapter", "mod-diffusers", "learn", "train-pretrain", "train-train")
+PARTS = ("adapter", "mod-diffusers", "learn", "learn-memory", "train-pretrain", "train-train")
 
 
 def test_the_gpu_script_runs_every_part_in_tiny_mode(tmp_path):

@@ -303,3 +303,22 @@ def test_no_weight_of_the_model_receives_a_gradient_and_its_flags_come_back(env)
     assert result.deltas[0].abs().max() > 0
     assert not [p for p in weights if p.grad is not None]
     assert [p.requires_grad for p in weights] == flags
+
+
+def test_a_run_that_cannot_fit_the_gpu_is_refused_with_the_setting_that_would(env):
+    from mod_adapter.modules.flux_layout import FluxLayout
+    from mod_adapter.modules.errors import ModAdapterError
+    from mod_adapter.nodes.learn_concept import refuse_runs_that_cannot_fit
+
+    flux1, gib = FluxLayout(19, 38, 3072), 2**30
+    common = dict(compute_dtype=torch.bfloat16, device="cuda:0", resolution=512, isolation=False, concepts=1)
+    with pytest.raises(ModAdapterError, match="load the model with weight_dtype fp8_e4m3fn"):  # bf16 on 24 GB
+        refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=24 * gib, gradient_checkpointing=True, **common)
+    with pytest.raises(ModAdapterError, match="turn on gradient_checkpointing"):  # fp8 on 24 GB, checkpointing off
+        refuse_runs_that_cannot_fit(flux1, torch.float8_e4m3fn, total_bytes=24 * gib, gradient_checkpointing=False,
+                                    **common)
+    fits = refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=80 * gib, gradient_checkpointing=True, **common)
+    assert fits.total_bytes < 80 * gib
+    # The CPU's memory is the machine's: never refused here.
+    assert refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=1, gradient_checkpointing=True,
+                                       **dict(common, device="cpu")) is None
