@@ -1,0 +1,109 @@
+"""How much does FLUX's denoising loss see each concept kind on the toy world? Why Learn Concept carries a pose
+or a lighting from one image, and hardly a surface.
+
+Learn Concept minimises the flow-matching loss of the concept image under its caption, which names the concept
+only by its word ("a box with a surface ..."). Its Δ can carry the concept only as far as the loss tells the
+right value from a wrong one. For each held-out concept image of ``world eval-learn`` (the same scenes: the
+script replays its draws), per σ bin, on the same noise draws:
+
+* ``stated``: the loss under the full caption, the concept's value stated in words (the text oracle);
+* ``wrong``: the same, with the concept's attributes stated wrong (the values of another scene, as the
+  evaluation prompts draw them);
+* ``bare``: under the learning caption with Δ = 0 (the bare word);
+* ``learned``: under the learning caption with the learned Δ on the word (when ``--work-dir`` holds the concept
+  files of an ``eval-learn`` run).
+
+``wrong − stated`` is the signal that tells the right value from a wrong one; ``bare − learned`` is what the
+learned Δ took of it. Both are in units of the loss (a mean squared error of the velocity, about 1.4 here).
+
+    python benchmarks/world_learn_loss_sees.py --work-dir out/world/evlearn-rule-s7 --kinds surface pose lighting
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+BINS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", default=None, help="the world folder (default: the shipped one)")
+    parser.add_argument("--work-dir", required=True, help="an eval-learn --work-dir (its <kind>/<kind>-NNN files)")
+    parser.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"])
+    parser.add_argument("--concepts", type=int, default=4, help="concept images per kind (default 4)")
+    parser.add_argument("--prompts", type=int, default=8, help="eval-learn's --prompts (replays its draws)")
+    parser.add_argument("--seed", type=int, default=7, help="eval-learn's --seed (default 7)")
+    parser.add_argument("--draws", type=int, default=16, help="noise draws per σ bin (default 16)")
+    args = parser.parse_args(argv)
+
+    from mod_adapter.modules.concept_file import load_concept
+    from mod_adapter.modules.flux_diffusers import encode_caption, vae_encode
+    from mod_adapter.modules.learn_concept import evaluate_loss
+    from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
+    from mod_adapter.modules.world.captions import full_caption
+    from mod_adapter.modules.world.cli import world_pipeline
+    from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, other_values, word_positions
+    from mod_adapter.modules.world.pairs import concept_caption
+    from mod_adapter.modules.world.paths import WORLD_FOLDER
+    from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES, render
+    from mod_adapter.modules.world.split import EVAL, random_scene
+    from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
+
+    _, pipe, _ = world_pipeline(args.world or WORLD_FOLDER)
+    torch.set_grad_enabled(False)
+
+    def loss_by_bin(caption, latents, delta=None, positions=None):
+        embeds, pooled = encode_caption(pipe, caption, "cpu", MAX_SEQUENCE_LENGTH)
+        with DiffusersDenoiser(pipe.transformer, embeds, pooled) as denoiser:
+            return [evaluate_loss(denoiser, latents, None if delta is None else [delta],
+                                  [positions] if delta is not None else [[0]], seed=args.seed, num_draws=args.draws,
+                                  sigma_range=low_high) for low_high in BINS]
+
+    rows = []
+    for kind in args.kinds:
+        rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind)])  # as concept_learning draws
+        per_concept = []
+        for c in range(args.concepts):
+            scene = random_scene(rng, EVAL)
+            targets = [other_values(scene, kind, rng) for _ in range(args.prompts)]
+            wrong_scene = dataclasses.replace(scene, **{name: getattr(targets[0], name)
+                                                        for name in CONCEPT_ATTRIBUTES[kind]})
+            pixels = torch.from_numpy(render(scene)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
+            latents = vae_encode(pipe.vae, pixels)
+            learning_caption = concept_caption(scene, kind)
+            losses = {"stated": loss_by_bin(full_caption(scene), latents),
+                      "wrong": loss_by_bin(full_caption(wrong_scene), latents),
+                      "bare": loss_by_bin(learning_caption, latents)}
+            concept_path = os.path.join(args.work_dir, kind, f"{kind}-{c:03d}.safetensors")
+            if os.path.isfile(concept_path):
+                losses["learned"] = loss_by_bin(learning_caption, latents, load_concept(concept_path).delta,
+                                                word_positions(pipe, learning_caption, kind))
+            per_concept.append(losses)
+            print(f"{kind} {c + 1}/{args.concepts}", file=sys.stderr)
+        for b, (low, high) in enumerate(BINS):
+            row = {"kind": kind, "sigma": f"{low:.1f}-{high:.1f}"}
+            for name in per_concept[0]:
+                row[name] = float(np.mean([p[name][b] for p in per_concept]))
+            row["wrong_minus_stated"] = row["wrong"] - row["stated"]
+            if "learned" in row:
+                row["bare_minus_learned"] = row["bare"] - row["learned"]
+            rows.append(row)
+    print(json.dumps(rows, indent=1))
+    columns = ["kind", "sigma", "stated", "wrong", "bare", "learned", "wrong_minus_stated", "bare_minus_learned"]
+    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) if isinstance(row.get(c), str) else
+                                 (f"{row[c]:.4f}" if c in row else "—") for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
