@@ -396,6 +396,12 @@ def _starting_directions(init, num_concepts: int, layout: FluxLayout,
     return global_directions, block_offsets
 
 
+def _diverged(step: int, config: LearnConfig, lr: float, what: str, advice: str = "") -> LearningDivergedError:
+    return LearningDivergedError(
+        f"Learning diverged at step {step + 1} of {config.steps}: {what}. Nothing was saved. Lower the learning "
+        f"rate (now {lr:g}), {advice}and run the model in bfloat16 or float32 (float16 overflows in FLUX).")
+
+
 def _isolation_loss(partner: IsolationPartner, generator: torch.Generator, config: LearnConfig, in_stage1: bool,
                     clean: torch.Tensor, deltas: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One isolation step: a concept image (drawn as a training batch draws it) left of the partner, both noised
@@ -520,11 +526,7 @@ def learn_concepts(
                 loss = F.mse_loss(prediction.float(), target)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise LearningDivergedError(
-                    f"Learning diverged at step {step + 1} of {config.steps}: the loss is {loss_value}. Nothing was "
-                    f"saved. Lower the learning rate (now {lr:g}), keep gradient clipping on, and run the model "
-                    f"in bfloat16 or float32 (float16 overflows in FLUX)."
-                )
+                raise _diverged(step, config, lr, f"the loss is {loss_value}", "keep gradient clipping on, and ")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step == 0:
@@ -532,11 +534,7 @@ def learn_concepts(
             trainable = [p for p in (global_directions, block_offsets) if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
             if not math.isfinite(float(grad_norm)):
-                raise LearningDivergedError(
-                    f"Learning diverged at step {step + 1} of {config.steps}: the gradient of Δ is "
-                    f"{float(grad_norm)}. Nothing was saved. Lower the learning rate (now {lr:g}) and run the "
-                    f"model in bfloat16 or float32."
-                )
+                raise _diverged(step, config, lr, f"the gradient of Δ is {float(grad_norm)}")
             optimizer.step()
 
             result.losses.append(loss_value)

@@ -237,6 +237,27 @@ def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.d
     return _EncodedRun(transformer, prompt_embeds, pooled, latents, flipped_latents, encoded_partners)
 
 
+def _learned_source(result, config, images, caption, words, resolution, flux, isolation, eval_loss,
+                    eval_without) -> dict:
+    """The concept file's ``source``: how it was learned, from what."""
+    source = {
+        "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
+        "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
+        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": result.lr,
+        "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
+        "flux": os.path.basename(os.path.normpath(flux)),
+    }
+    if isolation:
+        source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
+                      isolation_captions=[text for _, text in isolation],
+                      isolation_probability=config.isolation_probability)
+    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
+        source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
+    if eval_loss is not None:
+        source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
+    return source
+
+
 def learn_concept_files(
     flux: str,
     images: Sequence[str],
@@ -337,21 +358,8 @@ def learn_concept_files(
         log(f"held-out denoising loss ({eval_draws} draws): {eval_loss:.5f} with the learned concepts, "
             f"{eval_without:.5f} without ({change:+.1f}%)")
 
-    learned_source = {
-        "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
-        "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
-        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": result.lr,
-        "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
-        "flux": os.path.basename(os.path.normpath(flux)),
-    }
-    if isolation:
-        learned_source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
-                              isolation_captions=[text for _, text in isolation],
-                              isolation_probability=config.isolation_probability)
-    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
-        learned_source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
-    if eval_loss is not None:
-        learned_source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
+    learned_source = _learned_source(result, config, images, caption, words, resolution, flux, isolation,
+                                     eval_loss, eval_without)
     concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]
     for path, concept in zip(paths, concepts):
         parent = os.path.dirname(path)
