@@ -442,7 +442,9 @@ def test_widget_values_are_valid_for_comfyui(workflow, object_info):
             elif kind == "STRING":
                 # an empty text is only the toy world's negative prompt: what its FLUX was trained with for cfg
                 empty_negative = node["type"] == "CLIPTextEncode" and slot == "text" and value == ""
-                assert isinstance(value, str) and (value.strip() or empty_negative), what
+                # or a text whose own default is empty (an optional one, as Learn Concept's isolation_captions)
+                empty_by_default = value == "" and opts.get("default") == ""
+                assert isinstance(value, str) and (value.strip() or empty_negative or empty_by_default), what
             elif kind == "BOOLEAN":
                 assert isinstance(value, bool), what
             elif (node["type"], slot) in FILE_COMBOS:
