@@ -193,6 +193,13 @@ class LearnResult:
     lr: float = 0.0
     vec_rms: Optional[float] = None
 
+    def rate_record(self, config: "LearnConfig") -> dict:
+        """What a concept file's ``source`` keeps of the learning rate: the rate, and with the rule what it was
+        computed from."""
+        if self.vec_rms is None:
+            return {"lr": self.lr}
+        return {"lr": self.lr, "relative_lr": config.relative_lr, "vec_rms": round(self.vec_rms, 6)}
+
 
 @dataclass
 class IsolationPartner:
@@ -402,14 +409,22 @@ def _diverged(step: int, config: LearnConfig, lr: float, what: str, advice: str 
         f"rate (now {lr:g}), {advice}and run the model in bfloat16 or float32 (float16 overflows in FLUX).")
 
 
+def _draw_images_and_sigmas(generator: torch.Generator, config: LearnConfig, in_stage1: bool,
+                            num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A step's first draws, in this order: which images (with replacement), then σ from the stage's range."""
+    image_index = torch.randint(num_images, (config.batch_size,), generator=generator)
+    sigma = sample_sigmas(generator, config.batch_size,
+                          config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
+                          config.range_probability, config.min_sigma)
+    return image_index, sigma
+
+
 def _isolation_loss(partner: IsolationPartner, generator: torch.Generator, config: LearnConfig, in_stage1: bool,
                     clean: torch.Tensor, deltas: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One isolation step: a concept image (drawn as a training batch draws it) left of the partner, both noised
     with one σ; the concept's half learns as usual, the partner's half must match the model without Δ."""
     batch = config.batch_size
-    image_index = torch.randint(clean.shape[0], (batch,), generator=generator)
-    sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
-                          config.range_probability, config.min_sigma)
+    image_index, sigma = _draw_images_and_sigmas(generator, config, in_stage1, clean.shape[0])
     width = clean.shape[-1]
     composed = torch.cat([clean[image_index.to(device)], partner.latents.to(device).expand(batch, -1, -1, -1)], dim=-1)
     noise = torch.randn(composed.shape, generator=generator).to(device)
@@ -431,9 +446,7 @@ def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: 
     """One step's (x_σ, σ, target v): images drawn with replacement, σ from the stage's range, flips, noise (in
     this order from ``generator``, so that a seed gives the same run on every device)."""
     batch = config.batch_size
-    image_index = torch.randint(clean.shape[0], (batch,), generator=generator)
-    sigma = sample_sigmas(generator, batch, config.stage1_sigma_range if in_stage1 else config.stage2_sigma_range,
-                          config.range_probability, config.min_sigma)
+    image_index, sigma = _draw_images_and_sigmas(generator, config, in_stage1, clean.shape[0])
     flip = (torch.rand(batch, generator=generator) < config.flip_probability).tolist()
     noise = torch.randn((batch, *clean.shape[1:]), generator=generator).to(device)
     x0 = clean[image_index.to(device)]

@@ -243,16 +243,14 @@ def _learned_source(result, config, images, caption, words, resolution, flux, is
     source = {
         "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
         "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
-        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words, "lr": result.lr,
-        "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
+        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words,
+        **result.rate_record(config), "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
         "flux": os.path.basename(os.path.normpath(flux)),
     }
     if isolation:
         source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
                       isolation_captions=[text for _, text in isolation],
                       isolation_probability=config.isolation_probability)
-    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
-        source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
     if eval_loss is not None:
         source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
     return source

@@ -39,7 +39,7 @@ def isolation_partners(denoiser, clip, vae, model, caption: str, positions, imag
     if len(lines) != images.shape[0]:
         raise ModAdapterError(f"{images.shape[0]} isolation image(s) need isolation_captions: one line that says what "
                               f"they show, or one line per image (got {len(lines)} lines).")
-    latents, _ = images_to_latents(vae, model, images, resolution)
+    latents, _ = images_to_latents(vae, model, images, resolution, mirrored=False)
     layout = clip_t5_layout(clip)
     partners = []
     for index, text in enumerate(lines):
@@ -63,14 +63,17 @@ def refuse_runs_that_cannot_fit(layout, weight_dtype, compute_dtype, device, tot
     return check_learn_fits(estimate, total_bytes, device_name=f"this GPU ({device})")
 
 
-def images_to_latents(vae, model, image, resolution: int):
-    """Resize + centre-crop every image to resolution², VAE-encode, and bring into the model's latent space."""
+def images_to_latents(vae, model, image, resolution: int, mirrored: bool = True):
+    """Resize + centre-crop every image to resolution², VAE-encode, and bring into the model's latent space:
+    (latents, latents of the mirror images, or None without ``mirrored``)."""
     image = check_image_batch(image)
     pixels = comfy.utils.common_upscale(image.movedim(-1, 1), resolution, resolution, "bilinear", "center").movedim(1, -1)
     with torch.no_grad():
-        latents = model.model.process_latent_in(vae.encode(pixels))
+        latents = model.model.process_latent_in(vae.encode(pixels)).float().clone()
+        if not mirrored:
+            return latents, None
         flipped = model.model.process_latent_in(vae.encode(pixels.flip(2)))
-    return latents.float().clone(), flipped.float().clone()
+    return latents, flipped.float().clone()
 
 
 @contextlib.contextmanager
@@ -143,9 +146,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         raise ModAdapterError("Learning stopped before the last step; nothing was saved.")
 
     source = {"kind": "learned", "method": "tokenverse", "steps": result.steps_done,
-              "images": int(image.shape[0]), "caption": caption, "lr": result.lr}
-    if result.vec_rms is not None:  # the rate came from the rule: keep what it was computed from
-        source.update(relative_lr=config.relative_lr, vec_rms=round(result.vec_rms, 6))
+              "images": int(image.shape[0]), "caption": caption, **result.rate_record(config)}
     if partners:
         source.update(isolation_captions=partner_captions, isolation_probability=config.isolation_probability)
     concepts = [Concept(word=w, delta=d, strength=1.0, source=source, num_double_blocks=_double_blocks(model))
