@@ -518,8 +518,7 @@ def _cheapest(available: int, resolution: int, weight_dtype: str, can_offload: b
     settings = [("fits, checkpointing off", dict(gradient_checkpointing=False)),
                 ("fits with checkpointing", dict(gradient_checkpointing=True))]
     if can_offload:
-        # Not in the node yet (docs/learn_concept.md): what offloading would need, for when it is.
-        settings.append(("only offloaded, not in the node yet", dict(gradient_checkpointing=True, offload_weights=True)))
+        settings.append(("fits with offload_weights", dict(gradient_checkpointing=True, offload_weights=True)))
     for label, options in settings:
         estimate = estimate_learn_peak(resolution, weight_dtype, **options, **kwargs)
         if estimate.total_bytes <= available:

@@ -496,8 +496,8 @@ def check_learn_fits(estimate: LearnMemoryEstimate, available_bytes: int, *,
         plus what the model already occupies on the device (e.g. ``torch.cuda.mem_get_info()[0]`` plus
         the loaded model's bytes there).
     resolutions: the resolutions a refusal may propose (never below 512 by default: TokenVerse learns at 512).
-    can_offload: whether the host can keep the weights in CPU RAM and stream them in (off by default: the pack's
-        learning hosts do not yet); offload_hint: how the message tells the user to do it.
+    can_offload: whether the host can keep the weights in CPU RAM and stream them in (the ComfyUI node can, with
+        its offload_weights; the diffusers CLI cannot); offload_hint: how the message tells the user to do it.
     """
     if estimate.total_bytes <= available_bytes:
         return estimate

@@ -50,17 +50,40 @@ def isolation_partners(denoiser, clip, vae, model, caption: str, positions, imag
     return partners, lines
 
 
+OFFLOAD_WEIGHTS_HINT = "turn on offload_weights"
+
+
 def refuse_runs_that_cannot_fit(layout, weight_dtype, compute_dtype, device, total_bytes: int, resolution: int,
-                                gradient_checkpointing: bool, isolation: bool, concepts: int):
+                                gradient_checkpointing: bool, isolation: bool, concepts: int,
+                                offload_weights: bool = False):
     """Before anything runs: an error naming the setting that would fit when the estimated peak
     (:func:`~..modules.learn_memory.estimate_learn_peak`) exceeds the GPU's memory. The CPU is not refused:
     its memory is the machine's, which ComfyUI does not budget."""
+    if offload_weights and not gradient_checkpointing:
+        # Without the rebuild, autograd keeps every layer's device copy of its weight until the backward: all of them.
+        raise ModAdapterError("offload_weights saves memory only with gradient_checkpointing: turn "
+                              "gradient_checkpointing on, or offload_weights off.")
     if torch.device(device).type != "cuda":
         return None
     estimate = estimate_learn_peak(resolution, weight_dtype, compute_dtype, gradient_checkpointing=gradient_checkpointing,
-                                   layout=layout, concepts=concepts, isolation=isolation,
+                                   offload_weights=offload_weights, layout=layout, concepts=concepts,
+                                   isolation=isolation,
                                    weights_copied=True)  # the ComfyUI host copies every weight for autograd
-    return check_learn_fits(estimate, total_bytes, device_name=f"this GPU ({device})")
+    return check_learn_fits(estimate, total_bytes, device_name=f"this GPU ({device})", can_offload=True,
+                            offload_hint=OFFLOAD_WEIGHTS_HINT)
+
+
+def load_for_learning(model_patcher, offload_weights: bool) -> None:
+    """Put the model on its device for the learning loop.
+
+    offload_weights, as ComfyUI's own trainer does it (comfy_extras/nodes_train.py): asking for more memory than
+    any GPU has leaves resident only the share of the weights ComfyUI's low-VRAM loader allows, and the rest
+    stays in CPU RAM and is cast to the device layer by layer, in the forward and again in each checkpointed
+    block's rebuild during the backward, so that at most one block's copies are held at a time."""
+    if offload_weights:
+        mm.load_models_gpu([model_patcher], memory_required=1e20, force_full_load=False)
+    else:
+        mm.load_models_gpu([model_patcher])
 
 
 def images_to_latents(vae, model, image, resolution: int, mirrored: bool = True):
@@ -106,7 +129,7 @@ def loss_curve_image(losses) -> torch.Tensor:
 def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
                   resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
                   init_concepts=None, save=False, filename_prefix="learned", flip_images=True, isolation_images=None,
-                  isolation_captions=""):
+                  isolation_captions="", offload_weights=False):
     words = parse_words(words)
     positions = find_concept_positions(clip_t5_layout(clip), caption, words)
     with torch.no_grad():
@@ -116,7 +139,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
                                  gradient_checkpointing=gradient_checkpointing)
     refuse_runs_that_cannot_fit(denoiser.layout, model.model.get_dtype(), denoiser.compute_dtype, denoiser.device,
                                 mm.get_total_memory(denoiser.device), resolution, gradient_checkpointing,
-                                isolation_images is not None, len(words))
+                                isolation_images is not None, len(words), offload_weights)
 
     init = None
     if init_concepts is not None:
@@ -132,7 +155,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
     if isolation_images is not None:
         partners, partner_captions = isolation_partners(denoiser, clip, vae, model, caption, positions,
                                                         isolation_images, isolation_captions, resolution)
-    mm.load_models_gpu([denoiser.model_patcher])
+    load_for_learning(denoiser.model_patcher, offload_weights)
     progress = comfy.utils.ProgressBar(steps)
     with comfy_training_mode():
         result = learn_concepts(
@@ -215,6 +238,10 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.String.Input("isolation_captions", optional=True, multiline=True, default="",
                                 tooltip="What the isolation images show: one line for all, or one line per image "
                                         "(e.g. 'a red teapot'). The learning caption is extended with ' and <line>'."),
+                io.Boolean.Input("offload_weights", default=False, optional=True,
+                                 tooltip="Keep the weights that do not fit in CPU RAM and bring them to the GPU layer "
+                                         "by layer (ComfyUI's low-VRAM loading, as its own trainer offloads): for "
+                                         "GPUs the run does not fit otherwise. Slower; needs gradient_checkpointing."),
                 ConceptsSocket.Input("init_concepts", optional=True,
                                      tooltip="Optional starting point, e.g. a Mod-Adapter prediction of the same words: "
                                              "a few refinement steps then suffice."),
@@ -229,12 +256,12 @@ class ModAdapterLearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed, resolution,
                 stage1_t_min, stage2_t_max, gradient_checkpointing, save, filename_prefix, flip_images=True,
-                init_concepts=None, isolation_images=None, isolation_captions="") -> io.NodeOutput:
+                init_concepts=None, isolation_images=None, isolation_captions="", offload_weights=False) -> io.NodeOutput:
         with torch.inference_mode(False):  # ComfyUI executes nodes under inference mode; learning needs autograd
             concepts, curve = learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps,
                                             learning_rate, seed, resolution, stage1_t_min, stage2_t_max,
                                             gradient_checkpointing=gradient_checkpointing,
                                             init_concepts=init_concepts, save=save, filename_prefix=filename_prefix,
                                             flip_images=flip_images, isolation_images=isolation_images,
-                                            isolation_captions=isolation_captions)
+                                            isolation_captions=isolation_captions, offload_weights=offload_weights)
         return io.NodeOutput(concepts, curve)

@@ -32,6 +32,9 @@ def test_ci_stops_at_once_naming_the_snapshot_of_each_missing_comfyui_tree(tmp_p
     assert "ComfyUI 0.33.0: fetch the snapshot github:yzkee/ComfyUI" in message, message
     assert "ComfyUI 0.3.64: fetch the snapshot github:Comfy-Org/ComfyUI" in message, message
     assert str(trees / "0.33.0") in message and str(trees / "0.3.64") in message, message
+    assert "ComfyUI-GGUF 795e45156ece99afbc3efef911e63fcb46e6a20d: fetch the snapshot github:city96/ComfyUI-GGUF" \
+        in message, message
+    assert str(tmp_path / "comfyui-gguf") in message, message  # beside COMFYUI_TREES
 
 
 def test_a_tree_of_another_version_is_not_taken_for_the_one_ci_needs(tmp_path):

@@ -28,11 +28,13 @@ def env(comfyui, tmp_path_factory):
     return dict(nodes=pack_nodes, image=image, concepts_dir=concepts_dir, **models)
 
 
-def learn(env, seed=0, steps=6, words="dog", caption="a photo of a dog", save=False, init=None, lr=5e-2, flip=True):
+def learn(env, seed=0, steps=6, words="dog", caption="a photo of a dog", save=False, init=None, lr=5e-2, flip=True,
+          checkpointing=True, offload=False):
     with torch.inference_mode():  # as ComfyUI's executor calls nodes
         return env["nodes"].ModAdapterLearnConcept.execute(
             env["model"], env["clip"], env["vae"], env["image"], caption, words, steps, steps // 2, lr, seed, 64,
-            0.8, 0.8, True, save, "learned", flip_images=flip, init_concepts=init).result
+            0.8, 0.8, checkpointing, save, "learned", flip_images=flip, init_concepts=init,
+            offload_weights=offload).result
 
 
 def test_learns_concepts_deterministically_and_draws_the_loss_curve(env):
@@ -317,8 +319,78 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_with_the_setting_that_would(en
     with pytest.raises(ModAdapterError, match="turn on gradient_checkpointing"):  # fp8 on 24 GB, checkpointing off
         refuse_runs_that_cannot_fit(flux1, torch.float8_e4m3fn, total_bytes=24 * gib, gradient_checkpointing=False,
                                     **common)
+    with pytest.raises(ModAdapterError, match="To make it fit, turn on offload_weights"):  # fp8 on 12 GB
+        refuse_runs_that_cannot_fit(flux1, torch.float8_e4m3fn, total_bytes=12 * gib, gradient_checkpointing=True,
+                                    **common)
+    assert refuse_runs_that_cannot_fit(flux1, torch.float8_e4m3fn, total_bytes=12 * gib, gradient_checkpointing=True,
+                                       offload_weights=True, **common).offload_weights
     fits = refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=80 * gib, gradient_checkpointing=True, **common)
     assert fits.total_bytes < 80 * gib
     # The CPU's memory is the machine's: never refused here.
     assert refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=1, gradient_checkpointing=True,
                                        **dict(common, device="cpu")) is None
+
+
+
+def simulate_no_vram(monkeypatch):
+    """ComfyUI's memory accounting as on a GPU started with --novram: every weight stays on the offload device and
+    each layer casts its weight to the compute device when it runs (the test machine's "GPU" is its CPU)."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+
+
+def test_offloaded_weights_give_the_gradients_of_a_fully_loaded_model(env, monkeypatch):
+    """Learn Concept's offload_weights: ComfyUI's low-VRAM loading, where layers cast their offloaded weights per
+    forward (and again in the checkpointed rebuild); Δ's gradient is the fully loaded model's."""
+    import comfy.model_management
+
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+    from mod_adapter.nodes.learn_concept import comfy_training_mode, load_for_learning
+
+    clip = env["clip"]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a dog"))
+    context, pooled = cond[0][0].clone(), cond[0][1]["pooled_output"].clone()
+    g = torch.Generator().manual_seed(5)
+    noisy, target = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    delta0 = torch.randn(4, 128, generator=g) * 0.3
+    grads, lowvram = [], []
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
+        for offload in (False, True):
+            if offload:
+                simulate_no_vram(monkeypatch)
+            denoiser = ComfyFluxDenoiser(env["model"], context, pooled, gradient_checkpointing=True)
+            load_for_learning(denoiser.model_patcher, offload_weights=offload)
+            lowvram.append(denoiser.model_patcher.model.model_lowvram)
+            delta = delta0.clone().requires_grad_(True)
+            out = denoiser.velocity(noisy, torch.tensor([0.7]), [delta], [[3, 4]])
+            ((out - target) ** 2).mean().backward()
+            grads.append(delta.grad)
+            comfy.model_management.unload_all_models()  # no low-VRAM clone stays loaded for the next test
+    assert lowvram == [False, True]  # the second run really cast offloaded weights per layer
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    # The node, with and without the option (the simulated --novram still in force): the same concept.
+    offloaded = learn(env, offload=True)[0].items[0].delta
+    resident = learn(env, offload=False)[0].items[0].delta
+    torch.testing.assert_close(offloaded, resident, rtol=1e-5, atol=1e-7)
+
+
+def test_offloading_asks_comfyui_for_partial_loading_and_needs_checkpointing(env, monkeypatch):
+    """The same request as ComfyUI's own trainer (nodes_train.py); without the rebuild, autograd would keep every
+    layer's device copy of its weight, so offloading without checkpointing is refused before anything runs."""
+    import comfy.model_management as mm
+
+    from mod_adapter.modules.errors import ModAdapterError
+    from mod_adapter.nodes.learn_concept import load_for_learning
+
+    requests = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kwargs: requests.append((models, kwargs)))
+    load_for_learning(env["model"], offload_weights=True)
+    load_for_learning(env["model"], offload_weights=False)
+    assert [kwargs for _, kwargs in requests] == [dict(memory_required=1e20, force_full_load=False), {}]
+    with pytest.raises(ModAdapterError, match="offload_weights saves memory only with gradient_checkpointing"):
+        learn(env, offload=True, checkpointing=False)
+    flux_loads = [m for models, _ in requests[2:] for m in models if m.is_clone(env["model"])]
+    assert not flux_loads  # refused before the model was loaded (the text encoder was, for the caption)
