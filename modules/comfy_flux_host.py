@@ -22,7 +22,7 @@ import contextvars
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,12 +78,11 @@ class _TextLengthRecorder:
 
 
 class _ForwardState:
-    def __init__(self, patch: "FluxTokenModulationPatch", context_len: int, batch_size: int,
-                 eligible_rows: List[int], sigma: Optional[float], recorder: _TextLengthRecorder):
-        self.patch = patch
+    def __init__(self, concepts: List[TokenConcept], context_len: int, batch_size: int, sigma: Optional[float],
+                 recorder: _TextLengthRecorder):
+        self.concepts = concepts  # each with the batch rows of its prompt
         self.context_len = context_len
         self.batch_size = batch_size
-        self.eligible_rows = eligible_rows
         self.sigma = sigma
         self.recorder = recorder
         self._plan: Optional[ModulationPlan] = None
@@ -101,11 +100,10 @@ class _ForwardState:
         # Built on first use: only then has post_input told us the final text length.
         if not self._planned:
             self._plan = build_plan(
-                self.patch.concepts,
+                self.concepts,
                 batch_size=self.batch_size,
                 text_len=self.text_len,
                 text_offset=self.text_len - self.context_len,  # tokens prepended by post_input patches
-                eligible_rows=self.eligible_rows,
                 sigma=self.sigma,
                 device=device,
             )
@@ -113,8 +111,25 @@ class _ForwardState:
         return self._plan
 
 
+@dataclass(frozen=True)
+class PromptConcepts:
+    """The concepts of one prompt, and the fingerprint that finds that prompt's rows in a batch (None: every
+    positive row)."""
+
+    concepts: Tuple[TokenConcept, ...]
+    fingerprint: Optional[torch.Tensor] = None
+
+    def same_prompt(self, fingerprint: Optional[torch.Tensor]) -> bool:
+        if self.fingerprint is None or fingerprint is None:
+            return self.fingerprint is None and fingerprint is None
+        return self.fingerprint.shape == fingerprint.shape and torch.allclose(self.fingerprint, fingerprint)
+
+
 class FluxTokenModulationPatch:
-    """The concepts of one Modulation Apply, as a DIFFUSION_MODEL wrapper.
+    """The concepts of the Modulation Apply nodes a MODEL went through, as a DIFFUSION_MODEL wrapper.
+
+    One :class:`PromptConcepts` per prompt: two prompts combined (ConditioningCombine), each with its own Modulation
+    Apply, reach the sampler as one MODEL, and each prompt's rows get only that prompt's concepts.
 
     Immutable once built, and shared (not copied) by clones of the model:
     `ModelPatcher.clone` copies wrapper lists shallowly and object patches by
@@ -122,11 +137,29 @@ class FluxTokenModulationPatch:
     """
 
     def __init__(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor] = None):
-        self.concepts = tuple(concepts)
         # Mean over channels of each token of the prompt's conditioning: lets the
         # wrapper pick the batch rows that carry this prompt when ComfyUI batches
         # several positive conditionings together.
-        self.prompt_fingerprint = None if prompt_fingerprint is None else prompt_fingerprint.detach().float().cpu()
+        fingerprint = None if prompt_fingerprint is None else prompt_fingerprint.detach().float().cpu()
+        self.prompts: Tuple[PromptConcepts, ...] = (PromptConcepts(tuple(concepts), fingerprint),)
+
+    def with_prompt(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor]):
+        """A new patch: these concepts added to their prompt's (the same fingerprint), or as another prompt's."""
+        added = FluxTokenModulationPatch(concepts, prompt_fingerprint).prompts[0]
+        prompts = list(self.prompts)
+        for i, prompt in enumerate(prompts):
+            if prompt.same_prompt(added.fingerprint):
+                prompts[i] = PromptConcepts(prompt.concepts + added.concepts, prompt.fingerprint)
+                break
+        else:
+            prompts.append(added)
+        patch = FluxTokenModulationPatch(())
+        patch.prompts = tuple(prompts)
+        return patch
+
+    @property
+    def concepts(self) -> Tuple[TokenConcept, ...]:
+        return tuple(c for prompt in self.prompts for c in prompt.concepts)
 
     def __deepcopy__(self, memo):
         return self
@@ -134,21 +167,34 @@ class FluxTokenModulationPatch:
     def current(self) -> Optional[_ForwardState]:
         return _ACTIVE_FORWARDS.get().get(id(self))
 
-    def _eligible_rows(self, context: torch.Tensor, transformer_options: Dict[str, Any]) -> List[int]:
+    @staticmethod
+    def _positive_rows(context: torch.Tensor, transformer_options: Dict[str, Any]) -> List[int]:
         batch = context.shape[0]
         cond_or_uncond = transformer_options.get("cond_or_uncond")
         if cond_or_uncond:
             chunk = batch // len(cond_or_uncond)
-            rows = [c * chunk + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(chunk)]
-        else:
-            rows = list(range(batch))
-        if self.prompt_fingerprint is not None and rows:
-            length = min(self.prompt_fingerprint.shape[0], context.shape[1])
-            seen = context[rows, :length].float().mean(dim=-1).cpu()
-            expected = self.prompt_fingerprint[:length]
-            match = torch.isclose(seen, expected[None], rtol=2e-2, atol=2e-3).all(dim=1)
-            rows = [r for r, ok in zip(rows, match.tolist()) if ok]
-        return rows
+            return [c * chunk + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(chunk)]
+        return list(range(batch))
+
+    @staticmethod
+    def _rows_of_prompt(context: torch.Tensor, rows: List[int], fingerprint: Optional[torch.Tensor]) -> List[int]:
+        if fingerprint is None or not rows:
+            return rows
+        length = min(fingerprint.shape[0], context.shape[1])
+        seen = context[rows, :length].float().mean(dim=-1).cpu()
+        match = torch.isclose(seen, fingerprint[:length][None], rtol=2e-2, atol=2e-3).all(dim=1)
+        return [r for r, ok in zip(rows, match.tolist()) if ok]
+
+    def forward_concepts(self, context: torch.Tensor, transformer_options: Dict[str, Any]) -> List[TokenConcept]:
+        """This forward's concepts, each restricted to the batch rows of its prompt (positive rows only)."""
+        positive = self._positive_rows(context, transformer_options)
+        concepts = []
+        for prompt in self.prompts:
+            rows = self._rows_of_prompt(context, positive, prompt.fingerprint)
+            concepts += [dataclasses.replace(c, batch_rows=rows if c.batch_rows is None else
+                                             sorted(set(rows).intersection(int(b) for b in c.batch_rows)))
+                         for c in prompt.concepts]
+        return concepts
 
     def __call__(self, executor, *args, **kwargs):
         bound = _bind_forward_arguments(executor, args, kwargs)
@@ -170,8 +216,8 @@ class FluxTokenModulationPatch:
         options["patches"] = patches
         bound.arguments["transformer_options"] = options
 
-        state = _ForwardState(self, context.shape[1], context.shape[0],
-                              self._eligible_rows(context, transformer_options), sigma, recorder)
+        state = _ForwardState(self.forward_concepts(context, transformer_options), context.shape[1], context.shape[0],
+                              sigma, recorder)
         token = _ACTIVE_FORWARDS.set({**_ACTIVE_FORWARDS.get(), id(self): state})
         try:
             return executor(*bound.args, **bound.kwargs)
@@ -278,7 +324,8 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
     """Return a clone of `model_patcher` whose concept tokens use `vec + s·Δ_i`.
 
     The input MODEL is not changed. Applying again to an already patched clone
-    adds the new concepts to the ones there (one patch, one set of rows).
+    adds the new concepts to the ones there (one patch): to the same prompt's,
+    or, for another prompt (another fingerprint), on that prompt's rows only.
     """
     layout = FluxLayout.from_comfy_model(model_patcher)
     model_sampling = model_patcher.get_model_object("model_sampling")
@@ -299,17 +346,11 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
     patched = model_patcher.clone()
     first = patched.get_model_object(comfy_text_modulation_keys(layout)[0])
     previous = first.patch if isinstance(first, PerTokenModulation) else None
-    if previous is not None:
-        if previous.prompt_fingerprint is not None and prompt_fingerprint is not None and not (
-            previous.prompt_fingerprint.shape == prompt_fingerprint.shape
-            and torch.allclose(previous.prompt_fingerprint, prompt_fingerprint.detach().float().cpu())
-        ):
-            raise ModAdapterError(
-                "This MODEL already carries Mod-Adapter concepts for a different prompt. Apply all concepts of one "
-                "prompt in one node (chain them into one CONCEPTS input) instead of stacking apply nodes."
-            )
-        token_concepts = list(previous.concepts) + token_concepts
-    install_patch(patched, layout, FluxTokenModulationPatch(token_concepts, prompt_fingerprint))
+    if previous is None:
+        patch = FluxTokenModulationPatch(token_concepts, prompt_fingerprint)
+    else:  # one patch for every Modulation Apply the MODEL went through, each prompt's concepts on its own rows
+        patch = previous.with_prompt(token_concepts, prompt_fingerprint)
+    install_patch(patched, layout, patch)
     return patched
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 
-from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, install_patch
+from .comfy_flux_host import DIFFUSION_MODEL_WRAPPER, FluxTokenModulationPatch, PromptConcepts, install_patch
 from .errors import ModAdapterError
 from .flux_layout import FluxLayout, comfy_text_modulation_keys
 from .token_modulation import TokenConcept
@@ -44,7 +44,7 @@ class LiveTokenModulationPatch(FluxTokenModulationPatch):
         super().__init__(())
 
     def set_concepts(self, concepts: Sequence[TokenConcept]) -> None:
-        self.concepts = tuple(concepts)
+        self.prompts = (PromptConcepts(tuple(concepts)),)
 
 
 def _fresh_copy(weight):
