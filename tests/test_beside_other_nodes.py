@@ -13,6 +13,7 @@ import torch
 
 from mod_adapter.modules.comfy_flux_host import ComfyConcept, PerTokenModulation, apply_concepts, prompt_fingerprint
 
+from comfy_low_vram import simulate_no_vram
 from test_comfy_host import NaiveReference, random_delta
 from tiny_flux import COMFY_TINY_SIZES, comfy_conditioning, comfy_sample, tiny_comfy_flux
 
@@ -61,15 +62,6 @@ def test_concepts_on_fp8_weights_equal_the_same_weights_upcast(flux, weight_dtyp
     # The same float32 arithmetic on the same rounded values: equal up to summation order.
     torch.testing.assert_close(result, comfy_sample(apply_concepts(upcast, concepts), positive), rtol=1e-4, atol=1e-4)
     assert (result - comfy_sample(fp8, positive)).abs().max() > 1e-2  # the concept acts on the fp8 model
-
-
-def simulate_no_vram(monkeypatch):
-    """ComfyUI's memory accounting as on a GPU started with --novram: every weight stays on the offload device and
-    each layer casts its weight to the compute device when it runs (the test machine's "GPU" is its CPU)."""
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
-    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
 
 
 @torch.no_grad()

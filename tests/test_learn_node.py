@@ -12,6 +12,8 @@ import torch
 from mod_adapter.modules.concept_file import load_concept
 from mod_adapter.modules.errors import ConceptWordNotFoundError
 
+from comfy_low_vram import simulate_no_vram
+
 
 @pytest.fixture(scope="module")
 def env(comfyui, tmp_path_factory):
@@ -330,15 +332,6 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_with_the_setting_that_would(en
     assert refuse_runs_that_cannot_fit(flux1, torch.bfloat16, total_bytes=1, gradient_checkpointing=True,
                                        **dict(common, device="cpu")) is None
 
-
-
-def simulate_no_vram(monkeypatch):
-    """ComfyUI's memory accounting as on a GPU started with --novram: every weight stays on the offload device and
-    each layer casts its weight to the compute device when it runs (the test machine's "GPU" is its CPU)."""
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
-    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
 
 
 def test_offloaded_weights_give_the_gradients_of_a_fully_loaded_model(env, monkeypatch):

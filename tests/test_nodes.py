@@ -12,6 +12,8 @@ import torch
 from mod_adapter.modules.concept_file import load_concept
 from mod_adapter.modules.errors import CheckpointError, ConceptWordNotFoundError, ModAdapterError, ModelMismatchError
 
+from comfy_low_vram import simulate_no_vram
+
 
 @pytest.fixture(scope="module")
 def comfy_env(comfyui, tmp_path_factory):
@@ -228,6 +230,27 @@ def test_the_adapter_loads_offloads_and_reloads_through_comfyui_model_management
     assert not any(loaded.model is runner.patcher for loaded in mm.current_loaded_models)
     assert all(p.device == runner.patcher.offload_device for p in runner.adapter.parameters())
     torch.testing.assert_close(concept_delta(), first, rtol=0, atol=0)
+
+
+def test_a_partially_loaded_adapter_predicts_the_same_delta(comfy_env, monkeypatch):
+    """ComfyUI's low-VRAM loading (a simulated --novram GPU): the adapter's comfy.ops layers cast their weights per
+    call instead of holding them on the device, and the prediction does not change."""
+    import comfy.model_management as mm
+
+    from mod_adapter.modules.concept_set import resolve_concepts
+
+    runner = comfy_env["runner"]
+    embeds = encode(comfy_env, seed=4)[0]
+    fully_loaded = resolve_concepts(predict(comfy_env, embeds))[0].delta
+    assert not runner.patcher.model.model_lowvram
+    mm.unload_all_models()
+    simulate_no_vram(monkeypatch)
+    try:
+        partially_loaded = resolve_concepts(predict(comfy_env, embeds))[0].delta
+        assert runner.patcher.model.model_lowvram
+    finally:
+        mm.unload_all_models()  # no low-VRAM adapter stays loaded for the next test
+    torch.testing.assert_close(partially_loaded, fully_loaded, rtol=1e-5, atol=1e-6)
 
 
 def test_save_concept_refuses_two_concepts_with_one_word_and_writes_nothing(comfy_env):
