@@ -77,11 +77,22 @@ class _TextLengthRecorder:
         return args
 
 
+def _image_tokens_of_latents(x: Any, ref_latents: Any, patch_size: int) -> Optional[int]:
+    """How many image tokens FLUX's `_forward` makes of the latent and the reference latents (Kontext) it appends:
+    each latent padded to the patch size, one token per patch. Only the fallback when the post_input recorder did
+    not run."""
+    latents = [x] + (list(ref_latents) if isinstance(ref_latents, (list, tuple)) else [])
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in latents):
+        return None
+    return sum(-(-t.shape[-2] // patch_size) * -(-t.shape[-1] // patch_size) for t in latents)
+
+
 class _ForwardState:
     def __init__(self, concepts: List[TokenConcept], context_len: int, batch_size: int, sigma: Optional[float],
-                 recorder: _TextLengthRecorder):
+                 recorder: _TextLengthRecorder, latent_image_tokens: Optional[int] = None):
         self.concepts = concepts  # each with the batch rows of its prompt
         self.context_len = context_len
+        self.latent_image_tokens = latent_image_tokens
         self.batch_size = batch_size
         self.sigma = sigma
         self.recorder = recorder
@@ -94,7 +105,9 @@ class _ForwardState:
 
     @property
     def img_len(self) -> Optional[int]:
-        return self.recorder.img_len
+        # Packs that replace FLUX's forward_orig with a copy (PuLID-style) may not run post_input patches: then
+        # the image tokens are counted from the latents, as FLUX's _forward makes them.
+        return self.recorder.img_len if self.recorder.img_len is not None else self.latent_image_tokens
 
     def plan(self, device: torch.device) -> Optional[ModulationPlan]:
         # Built on first use: only then has post_input told us the final text length.
@@ -216,8 +229,11 @@ class FluxTokenModulationPatch:
         options["patches"] = patches
         bound.arguments["transformer_options"] = options
 
+        patch_size = getattr(getattr(executor, "class_obj", None), "patch_size", 2)
+        latent_image_tokens = _image_tokens_of_latents(bound.arguments.get("x"), bound.arguments.get("ref_latents"),
+                                                       patch_size if isinstance(patch_size, int) else 2)
         state = _ForwardState(self.forward_concepts(context, transformer_options), context.shape[1], context.shape[0],
-                              sigma, recorder)
+                              sigma, recorder, latent_image_tokens)
         token = _ACTIVE_FORWARDS.set({**_ACTIVE_FORWARDS.get(), id(self): state})
         try:
             return executor(*bound.args, **bound.kwargs)
@@ -298,7 +314,10 @@ class PerTokenModulation(torch.nn.Module):
         trailing = 0
         if self.single_stream:
             if state.img_len is None:
-                raise ModAdapterError("Mod-Adapter could not measure the image token count of this FLUX forward pass")
+                raise ModAdapterError(
+                    "Mod-Adapter could not count the image tokens of this FLUX forward: ComfyUI's post_input patches "
+                    "did not run (another pack replaces FLUX's forward_orig?) and the latent was not a 4-D tensor. "
+                    "Run this MODEL without that pack's node, or apply the concepts to a plain FLUX.1 MODEL.")
             trailing = state.img_len
         outputs = self.original(modulation_rows(vec, plan, self.block_index), *args, **kwargs)
         return tuple(_spread_to_tokens(out, plan, trailing) for out in outputs)

@@ -184,3 +184,52 @@ def test_a_prompt_longer_than_256_tokens_keeps_its_positions(flux):
     torch.testing.assert_close(result, comfy_sample(reference_model, positive), rtol=1e-4, atol=1e-4)
     only_first = comfy_sample(apply_concepts(flux, concepts[:1]), positive)
     assert (result - only_first).abs().max() > 1e-2  # the concept past token 256 acts
+
+
+def forward_orig_of_a_pulid_style_pack(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
+                                       transformer_options={}, attn_mask=None, **kwargs):
+    """What packs such as PuLID-Flux put in place of FLUX.1's forward_orig (on the shared model, by instance
+    attribute): their own copy of an older one, which runs the dit block replacements but no post_input patches and
+    hands the blocks no transformer_options. FLUX.1's arithmetic, so a faithful copy gives ComfyUI's own output."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+    img = self.img_in(img)
+    vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+    if self.params.guidance_embed and guidance is not None:
+        vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+    vec = vec + self.vector_in(y[:, :self.params.vec_in_dim])
+    txt = self.txt_in(txt)
+    pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+    for i, block in enumerate(self.double_blocks):
+        def run_double(args, block=block):
+            img, txt = block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
+                             attn_mask=args.get("attn_mask"))
+            return {"img": img, "txt": txt}
+        args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": attn_mask}
+        replace = blocks_replace.get(("double_block", i))
+        out = replace(args, {"original_block": run_double, "transformer_options": transformer_options}) if replace \
+            else run_double(args)
+        img, txt = out["img"], out["txt"]
+    img = torch.cat((txt, img), 1)
+    for i, block in enumerate(self.single_blocks):
+        img = block(img, vec=vec, pe=pe, attn_mask=attn_mask)
+    return self.final_layer(img[:, txt.shape[1]:, ...], vec)
+
+
+@torch.no_grad()
+def test_concepts_coexist_with_a_pack_that_replaces_fluxs_forward(comfyui):
+    """PuLID-style packs swap FLUX.1's forward_orig for their own copy: ComfyUI's wrappers and the blocks' text
+    modulation still run, so the concepts act exactly as with ComfyUI's own forward; only the post_input patch that
+    counts the image tokens does not, and the engine counts them from the latent instead."""
+    import types
+
+    plain, replaced = tiny_comfy_flux(), tiny_comfy_flux()
+    diffusion_model = replaced.model.diffusion_model
+    diffusion_model.forward_orig = types.MethodType(forward_orig_of_a_pulid_style_pack, diffusion_model)
+    positive = comfy_conditioning(1)
+    torch.testing.assert_close(comfy_sample(replaced, positive), comfy_sample(plain, positive))  # a faithful copy
+    concepts = [ComfyConcept(random_delta(19), positions=[2, 3], name="dog")]
+    result = comfy_sample(apply_concepts(replaced, concepts), positive)
+    torch.testing.assert_close(result, comfy_sample(apply_concepts(plain, concepts), positive), rtol=1e-5, atol=1e-5)
+    assert (result - comfy_sample(replaced, positive)).abs().max() > 1e-2
