@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .concept_regions import RegionalTokens, check_region_mask, combine_attention_masks, region_attention_bias, \
+    region_tokens
 from .errors import ModAdapterError
 from .flux_layout import FluxLayout, comfy_text_modulation_keys
 from .token_modulation import (
@@ -61,19 +63,26 @@ class ComfyConcept:
     start_percent: float = 0.0
     end_percent: float = 1.0
     name: str = ""
+    region: Optional[torch.Tensor] = None  # (H, W) MASK: the word attends to the image inside it only
 
 
 class _TextLengthRecorder:
     """A post_input patch that only measures: appended after every other one,
     it sees the text and image tokens exactly as the blocks will."""
 
-    def __init__(self) -> None:
+    def __init__(self, regions_over_tokens: Optional[int] = None) -> None:
         self.text_len: Optional[int] = None
         self.img_len: Optional[int] = None
+        self.regions_over_tokens = regions_over_tokens  # the sequence length a region's attention bias was built for
 
     def __call__(self, args: Dict[str, Any]) -> Dict[str, Any]:
         self.text_len = int(args["txt"].shape[1])
         self.img_len = int(args["img"].shape[1])
+        if self.regions_over_tokens is not None and self.text_len + self.img_len != self.regions_over_tokens:
+            raise ModAdapterError(
+                f"A concept region's attention mask covers {self.regions_over_tokens} tokens, but another patch "
+                f"changed the sequence to {self.text_len + self.img_len} (it adds tokens before the blocks): "
+                f"regions cannot be combined with it. Remove the Concept Region node or that patch.")
         return args
 
 
@@ -131,6 +140,10 @@ class PromptConcepts:
 
     concepts: Tuple[TokenConcept, ...]
     fingerprint: Optional[torch.Tensor] = None
+    regions: Tuple[Optional[torch.Tensor], ...] = ()  # per concept, its region MASK or None; () = none has one
+
+    def region(self, index: int) -> Optional[torch.Tensor]:
+        return self.regions[index] if index < len(self.regions) else None
 
     def same_prompt(self, fingerprint: Optional[torch.Tensor]) -> bool:
         if self.fingerprint is None or fingerprint is None:
@@ -149,20 +162,28 @@ class FluxTokenModulationPatch:
     reference, and `__deepcopy__` keeps any deep copy light as well.
     """
 
-    def __init__(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor] = None):
+    def __init__(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor] = None,
+                 regions: Sequence[Optional[torch.Tensor]] = ()):
         # Mean over channels of each token of the prompt's conditioning: lets the
         # wrapper pick the batch rows that carry this prompt when ComfyUI batches
         # several positive conditionings together.
         fingerprint = None if prompt_fingerprint is None else prompt_fingerprint.detach().float().cpu()
-        self.prompts: Tuple[PromptConcepts, ...] = (PromptConcepts(tuple(concepts), fingerprint),)
+        concepts = tuple(concepts)
+        regions = tuple(regions) + (None,) * (len(concepts) - len(regions)) if any(r is not None for r in regions) else ()
+        self.prompts: Tuple[PromptConcepts, ...] = (PromptConcepts(concepts, fingerprint, regions),)
 
-    def with_prompt(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor]):
+    def with_prompt(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor],
+                    regions: Sequence[Optional[torch.Tensor]] = ()):
         """A new patch: these concepts added to their prompt's (the same fingerprint), or as another prompt's."""
-        added = FluxTokenModulationPatch(concepts, prompt_fingerprint).prompts[0]
+        added = FluxTokenModulationPatch(concepts, prompt_fingerprint, regions).prompts[0]
         prompts = list(self.prompts)
         for i, prompt in enumerate(prompts):
             if prompt.same_prompt(added.fingerprint):
-                prompts[i] = PromptConcepts(prompt.concepts + added.concepts, prompt.fingerprint)
+                merged_regions = ()
+                if prompt.regions or added.regions:
+                    merged_regions = tuple(prompt.region(k) for k in range(len(prompt.concepts))) + \
+                        tuple(added.region(k) for k in range(len(added.concepts)))
+                prompts[i] = PromptConcepts(prompt.concepts + added.concepts, prompt.fingerprint, merged_regions)
                 break
         else:
             prompts.append(added)
@@ -198,16 +219,35 @@ class FluxTokenModulationPatch:
         match = torch.isclose(seen, fingerprint[:length][None], rtol=2e-2, atol=2e-3).all(dim=1)
         return [r for r, ok in zip(rows, match.tolist()) if ok]
 
-    def forward_concepts(self, context: torch.Tensor, transformer_options: Dict[str, Any]) -> List[TokenConcept]:
-        """This forward's concepts, each restricted to the batch rows of its prompt (positive rows only)."""
+    def forward_concepts(self, context: torch.Tensor, transformer_options: Dict[str, Any]
+                         ) -> Tuple[List[TokenConcept], List[Optional[torch.Tensor]]]:
+        """This forward's concepts, each restricted to the batch rows of its prompt (positive rows only), and
+        their regions (None: the whole image)."""
         positive = self._positive_rows(context, transformer_options)
-        concepts = []
+        concepts, regions = [], []
         for prompt in self.prompts:
             rows = self._rows_of_prompt(context, positive, prompt.fingerprint)
-            concepts += [dataclasses.replace(c, batch_rows=rows if c.batch_rows is None else
-                                             sorted(set(rows).intersection(int(b) for b in c.batch_rows)))
-                         for c in prompt.concepts]
-        return concepts
+            for index, c in enumerate(prompt.concepts):
+                concepts.append(dataclasses.replace(c, batch_rows=rows if c.batch_rows is None else
+                                                    sorted(set(rows).intersection(int(b) for b in c.batch_rows))))
+                regions.append(prompt.region(index))
+        return concepts, regions
+
+    @staticmethod
+    def region_bias(concepts: Sequence[TokenConcept], regions: Sequence[Optional[torch.Tensor]], sigma: Optional[float],
+                    latent: Any, patch_size: int, text_len: int, image_len: Optional[int]) -> Optional[torch.Tensor]:
+        """The attention bias of the regions of the concepts acting in this forward (None: no region acts)."""
+        acting = [(c, r) for c, r in zip(concepts, regions)
+                  if r is not None and c.batch_rows and (sigma is None or c.is_active(sigma))]
+        if not acting:
+            return None
+        if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or image_len is None:
+            raise ModAdapterError("A concept region needs FLUX's latent image (batch, channels, height, width) to "
+                                  f"place its mask, got {getattr(latent, 'shape', type(latent).__name__)}")
+        grid = (-(-latent.shape[-2] // patch_size), -(-latent.shape[-1] // patch_size))
+        tokens = [RegionalTokens(c.positions, c.batch_rows, region_tokens(r, *grid)) for c, r in acting]
+        return region_attention_bias(tokens, latent.shape[0], text_len, image_len, dtype=latent.dtype,
+                                     device=latent.device)
 
     def __call__(self, executor, *args, **kwargs):
         bound = _bind_forward_arguments(executor, args, kwargs)
@@ -222,18 +262,24 @@ class FluxTokenModulationPatch:
 
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
-        recorder = _TextLengthRecorder()
+        patch_size = getattr(getattr(executor, "class_obj", None), "patch_size", 2)
+        patch_size = patch_size if isinstance(patch_size, int) else 2
+        latent = bound.arguments.get("x")
+        latent_image_tokens = _image_tokens_of_latents(latent, bound.arguments.get("ref_latents"), patch_size)
+        concepts, regions = self.forward_concepts(context, transformer_options)
+        bias = self.region_bias(concepts, regions, sigma, latent, patch_size, context.shape[1], latent_image_tokens)
+        if bias is not None:  # FLUX's _forward hands `attention_mask` to every block as attn_mask
+            extra = dict(bound.arguments.get("kwargs") or {})
+            extra["attention_mask"] = combine_attention_masks(extra.get("attention_mask"), bias)
+            bound.arguments["kwargs"] = extra
+        recorder = _TextLengthRecorder(None if bias is None else bias.shape[-1])
         options = dict(transformer_options)
         patches = dict(options.get("patches", {}))
         patches["post_input"] = list(patches.get("post_input", [])) + [recorder]
         options["patches"] = patches
         bound.arguments["transformer_options"] = options
 
-        patch_size = getattr(getattr(executor, "class_obj", None), "patch_size", 2)
-        latent_image_tokens = _image_tokens_of_latents(bound.arguments.get("x"), bound.arguments.get("ref_latents"),
-                                                       patch_size if isinstance(patch_size, int) else 2)
-        state = _ForwardState(self.forward_concepts(context, transformer_options), context.shape[1], context.shape[0],
-                              sigma, recorder, latent_image_tokens)
+        state = _ForwardState(concepts, context.shape[1], context.shape[0], sigma, recorder, latent_image_tokens)
         token = _ACTIVE_FORWARDS.set({**_ACTIVE_FORWARDS.get(), id(self): state})
         try:
             return executor(*bound.args, **bound.kwargs)
@@ -361,14 +407,15 @@ def apply_concepts(model_patcher, concepts: Sequence[ComfyConcept], prompt_finge
     ]
     for concept in token_concepts:
         layout.check_delta(concept.delta.shape, concept.name)
+    regions = [None if c.region is None else check_region_mask(c.region, c.name) for c in concepts]
 
     patched = model_patcher.clone()
     first = patched.get_model_object(comfy_text_modulation_keys(layout)[0])
     previous = first.patch if isinstance(first, PerTokenModulation) else None
     if previous is None:
-        patch = FluxTokenModulationPatch(token_concepts, prompt_fingerprint)
+        patch = FluxTokenModulationPatch(token_concepts, prompt_fingerprint, regions)
     else:  # one patch for every Modulation Apply the MODEL went through, each prompt's concepts on its own rows
-        patch = previous.with_prompt(token_concepts, prompt_fingerprint)
+        patch = previous.with_prompt(token_concepts, prompt_fingerprint, regions)
     install_patch(patched, layout, patch)
     return patched
 

@@ -82,12 +82,39 @@ ConceptItem = Union[Concept, PredictionRequest]
 
 @dataclass(frozen=True)
 class ConceptList:
-    """The CONCEPTS socket: an ordered, immutable list; chaining makes a new list."""
+    """The CONCEPTS socket: an ordered, immutable list; chaining makes a new list.
+
+    regions: per item, the region MASK (H, W) a Concept Region node gave it, or None (the whole image);
+    () when no item has one.
+    """
 
     items: Tuple[ConceptItem, ...] = field(default_factory=tuple)
+    regions: Tuple[Optional[torch.Tensor], ...] = field(default_factory=tuple)
 
     def plus(self, *items: ConceptItem) -> "ConceptList":
-        return ConceptList(self.items + tuple(items))
+        regions = self.regions + (None,) * len(items) if self.regions else ()
+        return ConceptList(self.items + tuple(items), regions)
+
+    def region(self, index: int) -> Optional[torch.Tensor]:
+        return self.regions[index] if index < len(self.regions) else None
+
+    def with_region(self, mask: torch.Tensor, words: Sequence[str] = ()) -> "ConceptList":
+        """The same list with ``mask`` as the region of the concepts named in ``words`` (any case), or, with no
+        words, of every concept that has no region yet. A word that no concept has is an error."""
+        wanted = {w.strip().lower() for w in words if w.strip()}
+        missing = wanted - {w.strip().lower() for w in self.words}
+        if missing:
+            raise ModAdapterError(f"Concept Region: no concept with the word(s) {sorted(missing)} in its CONCEPTS "
+                                  f"input (it has {self.words}).")
+        regions = [self.region(i) for i in range(len(self.items))]
+        chosen = [i for i, item in enumerate(self.items)
+                  if (item.word.strip().lower() in wanted if wanted else regions[i] is None)]
+        if not chosen:
+            raise ModAdapterError("Concept Region: every concept in its CONCEPTS input already has a region; name the "
+                                  "word(s) this mask is for.")
+        for i in chosen:
+            regions[i] = mask
+        return ConceptList(self.items, tuple(regions))
 
     @property
     def words(self) -> List[str]:

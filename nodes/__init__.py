@@ -17,6 +17,7 @@ register_model_folders()  # before the loaders' schemas list the folders
 from .adapter_loader import ModAdapterLoader  # noqa: E402
 from .concept_encoder import ModAdapterConceptEncoder  # noqa: E402
 from .concept_files import ModAdapterLoadConcept, ModAdapterSaveConcept  # noqa: E402
+from .concept_region import ModAdapterConceptRegion  # noqa: E402
 from .learn_concept import ModAdapterLearnConcept  # noqa: E402
 from .modulation_apply import ModAdapterModulationApply, ModAdapterModulationApplyAdvanced  # noqa: E402
 from .predictor import ModAdapterPredictor  # noqa: E402
@@ -30,6 +31,7 @@ NODES = [
     ModAdapterModulationApplyAdvanced,
     ModAdapterSaveConcept,
     ModAdapterLoadConcept,
+    ModAdapterConceptRegion,
     ModAdapterLearnConcept,
     ModAdapterToyWorld,
     ModAdapterToyWorldScene,

@@ -40,7 +40,8 @@ def modulation_apply(model, clip, text, concepts, start_percent=0.0, end_percent
     patched = apply_concepts(
         model,
         [ComfyConcept(delta=c.delta, positions=p, strength=c.strength, start_percent=start_percent,
-                      end_percent=end_percent, name=c.word) for c, p in zip(resolved, positions)],
+                      end_percent=end_percent, name=c.word, region=concepts.region(i))
+         for i, (c, p) in enumerate(zip(resolved, positions))],
         prompt_fingerprint=prompt_fingerprint(encoded[0][0]),
     )
     return patched, conditioning
