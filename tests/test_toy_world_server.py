@@ -16,6 +16,7 @@ from test_workflows import WORKFLOWS_DIR, load_workflow, ui_to_api
 
 TOY_WORLD_WORKFLOW = "toy_world_learn_concept.json"
 MULTI_CONCEPT_WORKFLOW = "toy_world_multi_concept.json"
+REGIONAL_WORKFLOW = "toy_world_regional_concepts.json"
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,17 @@ def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(
     assert read == {"shape": "cone", "pattern": "checks", "position": "right", "size": "large", "direction": "left",
                     "tint": "cool"}, with_concepts
     assert (bare_words["position"], bare_words["direction"]) != ("right", "left"), bare_words
+
+
+def test_the_toy_world_regional_workflow_keeps_the_concept_to_its_region(server):
+    _, (inside, outside) = run_saving_two_images(server, REGIONAL_WORKFLOW, "mod_adapter/toy_world_region_inside",
+                                                 "mod_adapter/toy_world_region_outside")
+    assert inside.shape == outside.shape == (64, 64, 3)
+    on_its_half, on_the_other_half = read_by_judge(inside, outside)
+    # the prompt's cone, large on the right, under warm light from the left, in both images; the concept's checked
+    # surface only where the region covers the cone
+    for read in (on_its_half, on_the_other_half):
+        assert (read["shape"], read["position"], read["size"], read["direction"]) == ("cone", "right", "large", "left"), \
+            read
+    assert on_its_half["pattern"] == "checks", on_its_half
+    assert on_the_other_half["pattern"] != "checks", on_the_other_half
