@@ -15,20 +15,47 @@ LIGHT = (170, 190, 230)
 DARK = (20, 60, 160)
 
 
+MARKER = (200, 80, 40)
+
+
 @dataclass
 class Panel:
     label: str
     xs: Sequence[float]
     series: Sequence[Sequence[float]]
     colours: Sequence[Colour]
+    markers: Sequence[Tuple[float, str]] = ()  # (x, label): a vertical line, e.g. where stage 2 starts
+    robust_range: bool = False  # y range from the 1st to the 99th percentile: a few spikes do not flatten the rest
 
 
-def ema(values: Sequence[float], decay: float = 0.9) -> List[float]:
-    smoothed, running = [], None
-    for v in values:
-        running = v if running is None else decay * running + (1 - decay) * v
-        smoothed.append(running)
-    return smoothed
+def moving_average(values: Sequence[float], window: int) -> List[float]:
+    """The mean of the last ``window`` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
+    """About ``count`` round tick values (1, 2 or 5 × 10^k apart) covering [low, high]."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return [low]
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10)), key=lambda candidate: abs(math.log(candidate / raw)))
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    while first + len(ticks) * step <= high + 1e-9 * step:
+        ticks.append(round(first + len(ticks) * step, 12))
+    return ticks
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
 
 
 def render_panels(panels: Sequence[Panel], title: str, width: int = 900, panel_height: int = 310):
@@ -60,24 +87,31 @@ def _draw_panel(draw, font, box, panel: Panel) -> None:
         draw.text((left + 10, top + 10), "no data yet", fill="gray", font=font)
         return
     x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(values), max(values)
+    y_lo, y_hi = (_percentile(values, 0.01), _percentile(values, 0.99)) if panel.robust_range else \
+        (min(values), max(values))
     if y_hi == y_lo:
         y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1.0), y_hi + 0.5 * (abs(y_hi) or 1.0)
     if x_hi == x_lo:
         x_hi = x_lo + 1
 
     def to_px(x, y):
+        y = min(max(y, y_lo), y_hi)  # outside the robust range: drawn at the frame
         return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
                 bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
-    for i in range(5):  # grid and tick labels
-        y = y_lo + (y_hi - y_lo) * i / 4
+    for y in nice_ticks(y_lo, y_hi):  # grid and round tick labels
         _, py = to_px(x_lo, y)
         draw.line([(left, py), (right, py)], fill=(225, 225, 225))
-        draw.text((6, py - 7), f"{y:.3g}", fill="black", font=font)
-        x = x_lo + (x_hi - x_lo) * i / 4
+        draw.text((6, py - 7), f"{y:g}", fill="black", font=font)
+    for x in nice_ticks(x_lo, x_hi):
         px, _ = to_px(x, y_lo)
-        draw.text((px - 10, bottom + 4), f"{x:.0f}", fill="black", font=font)
+        draw.text((px - 10, bottom + 4), f"{x:g}", fill="black", font=font)
+    for x, label in panel.markers:
+        if x_lo <= x <= x_hi:
+            px, _ = to_px(x, y_lo)
+            for y in range(int(top), int(bottom), 8):  # dashed
+                draw.line([(px, y), (px, min(y + 4, bottom))], fill=MARKER, width=2)
+            draw.text((px + 4, top + 4), label, fill=MARKER, font=font)
     for series, colour in zip(panel.series, panel.colours):
         points = [to_px(x, y) for x, y in zip(xs, series) if math.isfinite(y)]
         if len(points) == 1:
@@ -86,5 +120,9 @@ def _draw_panel(draw, font, box, panel: Panel) -> None:
             draw.line(points, fill=colour, width=1 if colour == LIGHT else 2)
 
 
-def loss_panel(steps: Sequence[float], losses: Sequence[float]) -> Panel:
-    return Panel("loss per step (light) and smoothed (EMA 0.9, dark)", steps, [losses, ema(losses)], [LIGHT, DARK])
+def loss_panel(steps: Sequence[float], losses: Sequence[float], markers: Sequence[Tuple[float, str]] = ()) -> Panel:
+    """The raw loss per step (light) and its moving average over a 20th of the run (dark, at least 10 steps): a
+    flow-matching loss depends on the σ each step draws, so only the average shows the trend."""
+    window = max(10, len(losses) // 20)
+    return Panel(f"loss per step (light) and its moving average over {window} steps (dark)", steps,
+                 [losses, moving_average(list(losses), window)], [LIGHT, DARK], markers=markers, robust_range=True)

@@ -121,8 +121,10 @@ def comfy_training_mode():
         mm.in_training = previous
 
 
-def loss_curve_image(losses) -> torch.Tensor:
-    image = render_panels([loss_panel(list(range(1, len(losses) + 1)), losses)], "Learn Concept", panel_height=260)
+def loss_curve_image(losses, stage1_steps: int = 0) -> torch.Tensor:
+    markers = [(stage1_steps + 1, "stage 2: per-block offsets")] if 0 < stage1_steps < len(losses) else []
+    image = render_panels([loss_panel(list(range(1, len(losses) + 1)), losses, markers)], "Learn Concept",
+                          panel_height=260)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
@@ -178,7 +180,7 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         folder = default_folder(CONCEPT_FOLDER)
         for concept in concepts:
             save_concept(new_concept_path(folder, filename_prefix, concept.word), concept)
-    return ConceptList(tuple(concepts)), loss_curve_image(result.losses)
+    return ConceptList(tuple(concepts)), loss_curve_image(result.losses, config.stage1_steps)
 
 
 def _double_blocks(model) -> int:

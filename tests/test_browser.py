@@ -145,7 +145,7 @@ def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
         page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
         # regenerate the template browser's thumbnails; the toy world's show what they make
         # (tests/test_toy_world_server.py writes those)
-        if os.environ.get("MOD_ADAPTER_WRITE_THUMBNAILS") and not path.stem.startswith("toy_world_"):
+        if os.environ.get("MOD_ADAPTER_WRITE_THUMBNAILS") and not path.stem.startswith("Toy world - "):
             write_thumbnail(ARTIFACTS / f"{path.stem}.png", path.with_suffix(".jpg"))
         loaded = page.evaluate("""() => {
             const graph = window.app.graph;

@@ -46,6 +46,10 @@ def test_learns_concepts_deterministically_and_draws_the_loss_curve(env):
         assert concept.delta.shape == (4, 128) and concept.delta.abs().max() > 0
         assert concept.source["kind"] == "learned" and concept.num_double_blocks == 2
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() <= curve.max() <= 1
+    from mod_adapter.modules.curve_plot import MARKER
+
+    marked = ((curve[0] * 255).round() == torch.tensor(MARKER, dtype=curve.dtype)).all(dim=-1)
+    assert marked.any()  # the line where stage 2 starts (step 4 of 6)
     again, _ = learn(env, words="dog, beach", caption="a photo of a dog on a beach")
     for a, b in zip(concepts.items, again.items):
         torch.testing.assert_close(a.delta, b.delta)

@@ -14,9 +14,9 @@ from comfy_server import copy_pack, running_comfyui
 from test_comfy_server import read_png
 from test_workflows import WORKFLOWS_DIR, load_workflow, ui_to_api
 
-TOY_WORLD_WORKFLOW = "toy_world_learn_concept.json"
-MULTI_CONCEPT_WORKFLOW = "toy_world_multi_concept.json"
-REGIONAL_WORKFLOW = "toy_world_regional_concepts.json"
+TOY_WORLD_WORKFLOW = "Toy world - learn a surface from one scene.json"
+MULTI_CONCEPT_WORKFLOW = "Toy world - three concepts in one image.json"
+REGIONAL_WORKFLOW = "Toy world - a concept kept to one region.json"
 
 
 @pytest.fixture(scope="module")
