@@ -53,6 +53,12 @@ def adapter_compute_dtype(device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
+# Said wherever an artist meets a missing adapter: no FLUX.1 adapter has been published yet.
+NO_PUBLIC_FLUX_ADAPTER = ("No public Mod-Adapter for FLUX.1 exists yet: the one shipped adapter is the toy world's. "
+                          "To use a concept image with FLUX.1 today, learn the concept with Mod-Adapter Learn Concept "
+                          "(no adapter needed), or train an adapter (docs/training.md).")
+
+
 class ModAdapterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -72,7 +78,8 @@ class ModAdapterLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, adapter_name=None):
-        return missing_file_error(ADAPTER_FOLDER, adapter_name, "The adapter file") or True
+        missing = missing_file_error(ADAPTER_FOLDER, adapter_name, "The adapter file")
+        return True if missing is None else f"{missing} {NO_PUBLIC_FLUX_ADAPTER}"
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:

@@ -267,6 +267,7 @@ def test_missing_adapter_and_concept_files_fail_validation_before_anything_runs(
     assert nodes.ModAdapterLoader.validate_inputs(adapter_name="tiny.safetensors") is True
     message = nodes.ModAdapterLoader.validate_inputs(adapter_name="gone.safetensors")
     assert isinstance(message, str) and "'gone.safetensors' is not in models/mod_adapter" in message
+    assert "No public Mod-Adapter for FLUX.1 exists yet" in message and "Learn Concept" in message
     message = nodes.ModAdapterLoadConcept.validate_inputs(concept_name="gone_dog_00001.safetensors")
     assert isinstance(message, str) and "is not in models/mod_concepts" in message
 

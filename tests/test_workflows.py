@@ -503,3 +503,18 @@ def test_every_model_file_carries_its_download_source(workflow):
         for name in files:
             assert sources[name]["directory"] == MODEL_FOLDERS[node["type"]]
             assert sources[name]["url"].startswith("https://huggingface.co/") and "/resolve/" in sources[name]["url"]
+
+
+
+def uses_a_flux_adapter(path) -> bool:
+    types = {n["type"] for n in load_workflow(path)["nodes"]}
+    return "ModAdapterLoader" in types and "ModAdapterToyWorld" not in types
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if uses_a_flux_adapter(p)], ids=lambda p: p.name)
+def test_flux_adapter_templates_say_that_no_flux_adapter_is_published_yet(path):
+    """An artist who opens an adapter template learns from its Note, before anything turns red, that no FLUX.1
+    adapter exists yet and what to use instead."""
+    workflow = load_workflow(path)
+    notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    assert "none has been published yet" in notes and "Learn Concept" in notes, notes
