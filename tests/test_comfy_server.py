@@ -27,6 +27,7 @@ from test_workflows import (MULTI_CONCEPT, PACK_NODE_IDS, SAVED_CONCEPTS, SINGLE
 PACK_FOLDER = "Mod Adapter-pack"  # spaces and a dash: ComfyUI must cope with any folder name
 TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"
 ADAPTER = "tiny_adapter.safetensors"
+LEARN_FLUX = "Learn a concept from one photo - FLUX.1.json"
 TINY_LOADERS = {  # ComfyUI's loader -> the test pack's loader of a tiny model with the same output type
     "UNETLoader": "TinyFluxModelLoader",
     "DualCLIPLoader": "TinyFluxClipLoader",
@@ -78,6 +79,9 @@ def tiny_workflow(name, *, seed=7, steps=2, size=64, prefix="test", image="conce
             node["widgets_values"][:3] = [seed, "fixed", steps]
         elif kind == "SaveImage":
             node["widgets_values"] = [prefix]
+        elif kind == "ModAdapterLearnConcept":  # a few steps at the tiny models' 64²
+            node["widgets_values"][2:4] = [4, 2]
+            node["widgets_values"][6] = size
     return workflow
 
 
@@ -170,6 +174,21 @@ def test_single_concept_workflow_runs_end_to_end(server):
     (preview,) = server.image_files(entry, preview_id)
     assert read_png(preview).shape == (224, 224, 3)  # what the tiny CLIP vision model saw
     print(f"{SINGLE_CONCEPT} ran in {time.monotonic() - started:.1f} s")
+
+
+def test_flux_learn_concept_workflow_runs_end_to_end(server):
+    """The template an artist with FLUX.1 can run today: Learn Concept, then Modulation Apply and the sampler."""
+    workflow = tiny_workflow(LEARN_FLUX, prefix="learn/concept")
+    prompt = ui_to_api(workflow, server.object_info)
+    entry = server.run(prompt)
+    assert saved_image(server, prompt, entry).shape == (64, 64, 3)
+    (curve_id,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
+    (curve,) = server.image_files(entry, curve_id)
+    assert read_png(curve).shape[1] == 900  # the loss curve
+    learned = list((server.base / "models" / "mod_concepts").rglob("learned_dog_*.safetensors"))
+    assert learned, "the template saves the learned concept for 'Reuse saved concepts'"
+    for path in learned:  # the saved-concepts test below lists that folder
+        path.unlink()
 
 
 def test_bypassing_modulation_apply_gives_exactly_the_plain_flux_image(server):
