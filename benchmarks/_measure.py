@@ -10,9 +10,23 @@ which lets one process measure several phases one after another.
 from __future__ import annotations
 
 import platform
+import sys
 from typing import Optional
 
 import torch
+
+
+def import_comfyui(path: str, cpu: bool) -> None:
+    """Make the ComfyUI checkout at ``path`` importable in this process, as a script (not its server) uses it: no
+    command-line parsing, and ``--cpu`` set before ``comfy.model_management`` is first imported when ``cpu``."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
 
 
 def synchronize(device: torch.device) -> None:

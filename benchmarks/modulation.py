@@ -79,7 +79,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from _measure import fill_random, reset_peak_rss, status_kb, synchronize
+from _measure import fill_random, import_comfyui, reset_peak_rss, status_kb, synchronize
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Smoke check of the whole script in seconds (e.g. benchmarks/gpu.sh --cpu-tiny); its numbers mean nothing.
@@ -164,14 +164,7 @@ class ComfyBench:
                      "at the start of each sample call (steps = 1: whole call)")
 
     def __init__(self, args, device: torch.device, dtype: torch.dtype):
-        if args.comfyui not in sys.path:
-            sys.path.insert(0, args.comfyui)
-        import comfy.options
-
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = device.type == "cpu"  # before comfy.model_management is imported
+        import_comfyui(args.comfyui, cpu=device.type == "cpu")
         import comfy.model_management  # noqa: F401
         import comfy.model_patcher
         import comfy.sample

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from _measure import reset_peak_rss, status_kb
+from _measure import import_comfyui, reset_peak_rss, status_kb
 from adapter import IMAGE_TOKENS, build_random_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,13 +48,7 @@ def mib(kib) -> float:
 
 def measure_in_comfyui(args) -> dict:
     """Runs in the child process: ComfyUI imported fresh, so the numbers are the pack's and ComfyUI's alone."""
-    sys.path.insert(0, args.comfyui)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = args.device == "cpu"
+    import_comfyui(args.comfyui, cpu=args.device == "cpu")
     import comfy.model_management as mm
     import folder_paths
 

@@ -23,17 +23,9 @@ import time
 import numpy as np
 import torch
 
+from _measure import import_comfyui
+
 VARIANTS = ("bare word", "no region", "region inside", "region outside")
-
-
-def import_comfyui(path: str):
-    sys.path.insert(0, path)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 
 
 def half_mask(side: str, size: int = 64) -> torch.Tensor:
@@ -55,7 +47,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout (regions are a ComfyUI host feature)")
-    import_comfyui(os.environ["COMFYUI_PATH"])
+    import_comfyui(os.environ["COMFYUI_PATH"], cpu=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     import comfy.sample

@@ -140,10 +140,10 @@ class PromptConcepts:
 
     concepts: Tuple[TokenConcept, ...]
     fingerprint: Optional[torch.Tensor] = None
-    regions: Tuple[Optional[torch.Tensor], ...] = ()  # per concept, its region MASK or None; () = none has one
+    regions: Tuple[Optional[torch.Tensor], ...] = ()  # per concept, its region MASK or None (missing ones: None)
 
-    def region(self, index: int) -> Optional[torch.Tensor]:
-        return self.regions[index] if index < len(self.regions) else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regions", tuple(self.regions) + (None,) * (len(self.concepts) - len(self.regions)))
 
     def same_prompt(self, fingerprint: Optional[torch.Tensor]) -> bool:
         if self.fingerprint is None or fingerprint is None:
@@ -168,9 +168,7 @@ class FluxTokenModulationPatch:
         # wrapper pick the batch rows that carry this prompt when ComfyUI batches
         # several positive conditionings together.
         fingerprint = None if prompt_fingerprint is None else prompt_fingerprint.detach().float().cpu()
-        concepts = tuple(concepts)
-        regions = tuple(regions) + (None,) * (len(concepts) - len(regions)) if any(r is not None for r in regions) else ()
-        self.prompts: Tuple[PromptConcepts, ...] = (PromptConcepts(concepts, fingerprint, regions),)
+        self.prompts: Tuple[PromptConcepts, ...] = (PromptConcepts(tuple(concepts), fingerprint, tuple(regions)),)
 
     def with_prompt(self, concepts: Sequence[TokenConcept], prompt_fingerprint: Optional[torch.Tensor],
                     regions: Sequence[Optional[torch.Tensor]] = ()):
@@ -179,11 +177,8 @@ class FluxTokenModulationPatch:
         prompts = list(self.prompts)
         for i, prompt in enumerate(prompts):
             if prompt.same_prompt(added.fingerprint):
-                merged_regions = ()
-                if prompt.regions or added.regions:
-                    merged_regions = tuple(prompt.region(k) for k in range(len(prompt.concepts))) + \
-                        tuple(added.region(k) for k in range(len(added.concepts)))
-                prompts[i] = PromptConcepts(prompt.concepts + added.concepts, prompt.fingerprint, merged_regions)
+                prompts[i] = PromptConcepts(prompt.concepts + added.concepts, prompt.fingerprint,
+                                            prompt.regions + added.regions)
                 break
         else:
             prompts.append(added)
@@ -227,10 +222,10 @@ class FluxTokenModulationPatch:
         concepts, regions = [], []
         for prompt in self.prompts:
             rows = self._rows_of_prompt(context, positive, prompt.fingerprint)
-            for index, c in enumerate(prompt.concepts):
+            for c, region in zip(prompt.concepts, prompt.regions):
                 concepts.append(dataclasses.replace(c, batch_rows=rows if c.batch_rows is None else
                                                     sorted(set(rows).intersection(int(b) for b in c.batch_rows))))
-                regions.append(prompt.region(index))
+                regions.append(region)
         return concepts, regions
 
     @staticmethod

@@ -60,8 +60,9 @@ def region_attention_bias(regions: Sequence[RegionalTokens], batch: int, text_le
                           dtype: torch.dtype = torch.float32, device=None) -> Optional[torch.Tensor]:
     """The additive attention bias (batch, text_len + image_len, text_len + image_len) that keeps each regional
     word and the image tokens outside its region from attending to each other, and the other text tokens from
-    reading the word; None when no token is outside any region (a region over the whole image changes nothing). ``image_len`` may exceed the generated image's tokens
-    (FLUX.1 Kontext's reference tokens come after them): those stay unmasked."""
+    reading the word; None when no token is outside any region (a region over the whole image changes nothing).
+    ``image_len`` may exceed the generated image's tokens (FLUX.1 Kontext's reference tokens come after them):
+    those stay unmasked."""
     bias = None
     for region in regions:
         if not region.batch_rows:
@@ -74,10 +75,10 @@ def region_attention_bias(regions: Sequence[RegionalTokens], batch: int, text_le
                                   f"{image_len}")
         if bias is None:
             bias = torch.zeros(batch, text_len + image_len, text_len + image_len, dtype=dtype, device=device)
-        words = torch.as_tensor(sorted({int(p) for p in region.positions}), dtype=torch.long, device=bias.device)
+        is_word = torch.zeros(text_len, dtype=torch.bool, device=bias.device)
+        is_word[[int(p) for p in region.positions]] = True
+        words, other_text = torch.nonzero(is_word).reshape(-1), torch.nonzero(~is_word).reshape(-1)
         image = outside.to(bias.device) + text_len
-        other_text = torch.tensor([t for t in range(text_len) if t not in set(words.tolist())], dtype=torch.long,
-                                  device=bias.device)
         # Whoever may not read the word: the image outside, and the other text tokens, which attend everywhere
         # and would carry the concept out of the region. The word itself still reads the whole prompt.
         readers = torch.cat([other_text, image])

@@ -85,18 +85,17 @@ class ConceptList:
     """The CONCEPTS socket: an ordered, immutable list; chaining makes a new list.
 
     regions: per item, the region MASK (H, W) a Concept Region node gave it, or None (the whole image);
-    () when no item has one.
+    items without one given get None.
     """
 
     items: Tuple[ConceptItem, ...] = field(default_factory=tuple)
     regions: Tuple[Optional[torch.Tensor], ...] = field(default_factory=tuple)
 
-    def plus(self, *items: ConceptItem) -> "ConceptList":
-        regions = self.regions + (None,) * len(items) if self.regions else ()
-        return ConceptList(self.items + tuple(items), regions)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regions", tuple(self.regions) + (None,) * (len(self.items) - len(self.regions)))
 
-    def region(self, index: int) -> Optional[torch.Tensor]:
-        return self.regions[index] if index < len(self.regions) else None
+    def plus(self, *items: ConceptItem) -> "ConceptList":
+        return ConceptList(self.items + tuple(items), self.regions)
 
     def with_region(self, mask: torch.Tensor, words: Sequence[str] = ()) -> "ConceptList":
         """The same list with ``mask`` as the region of the concepts named in ``words`` (any case), or, with no
@@ -106,7 +105,7 @@ class ConceptList:
         if missing:
             raise ModAdapterError(f"Concept Region: no concept with the word(s) {sorted(missing)} in its CONCEPTS "
                                   f"input (it has {self.words}).")
-        regions = [self.region(i) for i in range(len(self.items))]
+        regions = list(self.regions)
         chosen = [i for i, item in enumerate(self.items)
                   if (item.word.strip().lower() in wanted if wanted else regions[i] is None)]
         if not chosen:
@@ -163,6 +162,11 @@ def resolve_concepts(concepts: ConceptList) -> List[Concept]:
                 num_double_blocks=runner.num_double_blocks,
             )
     return [resolved[i] for i in range(len(concepts.items))]
+
+
+def comma_separated_words(text: str) -> List[str]:
+    """The words a node's text input lists, separated by commas or line breaks, stripped; empty ones dropped."""
+    return [w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip()]
 
 
 def check_unique_words(words: Sequence[str]) -> None:

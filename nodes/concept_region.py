@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..modules.concept_regions import check_region_mask
-from ..modules.concept_set import ConceptList
+from ..modules.concept_set import ConceptList, comma_separated_words
 from ..modules.errors import ModAdapterError
 from .sockets import CATEGORY, ConceptsSocket
 
@@ -12,7 +12,7 @@ def concept_region(concepts, mask, words=""):
     if not isinstance(concepts, ConceptList):
         raise ModAdapterError(f"Concept Region needs CONCEPTS (from Predictor, Load Concept or Learn Concept), got "
                               f"{type(concepts).__name__}")
-    names = [w for w in (words or "").replace("\n", ",").split(",") if w.strip()]
+    names = comma_separated_words(words)
     return concepts.with_region(check_region_mask(mask, ", ".join(names) or "region"), names)
 
 

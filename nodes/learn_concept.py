@@ -12,7 +12,7 @@ from ..modules.comfy_learn_host import ComfyFluxDenoiser
 from ..modules.concept import Concept
 from ..modules.concept_file import new_concept_path, save_concept
 from ..modules.concept_images import check_image_batch
-from ..modules.concept_set import ConceptList, resolve_concepts
+from ..modules.concept_set import ConceptList, comma_separated_words, resolve_concepts
 from ..modules.curve_plot import loss_panel, render_panels
 from ..modules.errors import ModAdapterError
 from ..modules.learn_concept import RELATIVE_LR, IsolationPartner, LearnConfig, composed_caption, learn_concepts
@@ -24,7 +24,7 @@ from .sockets import CATEGORY, ConceptsSocket
 
 
 def parse_words(words: str):
-    parsed = [w.strip() for w in (words or "").replace("\n", ",").split(",") if w.strip()]
+    parsed = comma_separated_words(words)
     if not parsed:
         raise ModAdapterError("Give at least one concept word to learn (comma-separated, e.g. 'dog, beach').")
     return parsed

@@ -40,7 +40,7 @@ def modulation_apply(model, clip, text, concepts, start_percent=0.0, end_percent
     patched = apply_concepts(
         model,
         [ComfyConcept(delta=c.delta, positions=p, strength=c.strength, start_percent=start_percent,
-                      end_percent=end_percent, name=c.word, region=concepts.region(i))
+                      end_percent=end_percent, name=c.word, region=concepts.regions[i])
          for i, (c, p) in enumerate(zip(resolved, positions))],
         prompt_fingerprint=prompt_fingerprint(encoded[0][0]),
     )

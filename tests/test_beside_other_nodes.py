@@ -26,28 +26,16 @@ def flux(comfyui):
 def same_weights_stored_in(flux, weight_dtype, upcast: bool):
     """The tiny FLUX.1's weights rounded to ``weight_dtype``: stored in it and cast per layer (Load Diffusion
     Model's weight_dtype fp8_*), or with ``upcast`` stored in float32 (the reference)."""
-    import comfy.model_management as mm
     import comfy.model_patcher
 
-    from mod_adapter.nodes.comfy_flux_config import comfy_flux_model, flux_unet_config
+    from mod_adapter.nodes.comfy_flux_config import flux_unet_config
 
-    rounded = {k: v.to(weight_dtype) for k, v in flux.model.diffusion_model.state_dict().items()}
-    config = flux_unet_config(**COMFY_TINY_SIZES)
-    if upcast:
-        model = comfy_flux_model(config)
-        model.diffusion_model.load_state_dict({k: v.float() for k, v in rounded.items()})
-    else:
-        cast = mm.unet_manual_cast(weight_dtype, torch.device("cpu"), model_config_dtypes(config))
-        model = comfy_flux_model(config, weight_dtype, manual_cast_dtype=cast)
-        model.diffusion_model.load_state_dict(rounded)
+    from tiny_comfy import flux_model_holding
+
+    model = flux_model_holding(flux_unet_config(**COMFY_TINY_SIZES), flux.model.diffusion_model.state_dict(),
+                               weight_dtype, upcast)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
-def model_config_dtypes(config):
-    import comfy.model_detection
-
-    return comfy.model_detection.model_config_from_unet_config(dict(config)).supported_inference_dtypes
 
 
 @torch.no_grad()

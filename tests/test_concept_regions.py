@@ -192,12 +192,12 @@ def test_the_concept_region_node_restricts_the_concepts_modulation_apply_gets(co
     delta = torch.randn(4, 128) * 0.5
     concepts = ConceptList((Concept("dog", delta), Concept("beach", delta.flip(0))))
     (dog_only,) = pack_nodes.ModAdapterConceptRegion.execute(concepts, left_half()[None], "Dog").result
-    assert dog_only.region(0) is not None and dog_only.region(1) is None
+    assert dog_only.regions[0] is not None and dog_only.regions[1] is None
     (rest,) = pack_nodes.ModAdapterConceptRegion.execute(dog_only, torch.ones(1, 8, 8), "").result
-    torch.testing.assert_close(rest.region(0), left_half())  # the dog keeps its own region
-    assert rest.region(1).shape == (8, 8)
+    torch.testing.assert_close(rest.regions[0], left_half())  # the dog keeps its own region
+    assert rest.regions[1].shape == (8, 8)
     chained = rest.plus(Concept("cat", delta))
-    assert chained.region(2) is None and chained.region(0) is not None
+    assert chained.regions[2] is None and chained.regions[0] is not None
     with pytest.raises(ModAdapterError, match="no concept with the word"):
         pack_nodes.ModAdapterConceptRegion.execute(concepts, left_half(), "cat")
     with pytest.raises(ModAdapterError, match="is empty"):

@@ -14,11 +14,10 @@ def reference_model(unet_config, weights):
     """ComfyUI's own FLUX.1, float32, holding ``weights``."""
     import comfy.model_patcher
 
-    from mod_adapter.nodes.comfy_flux_config import comfy_flux_model
+    from tiny_comfy import flux_model_holding
 
     with torch.inference_mode():
-        model = comfy_flux_model(unet_config)
-        model.diffusion_model.load_state_dict(weights)
+        model = flux_model_holding(unet_config, weights)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 

@@ -71,24 +71,37 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype) * (0.05 if p.ndim > 1 else 0.02))
 
 
+def flux_model_holding(config: dict, weights: dict, weight_dtype: Optional[torch.dtype] = None, upcast: bool = False):
+    """A ComfyUI FLUX.1 BaseModel of ``config`` holding ``weights``. With ``weight_dtype`` (fp8): the weights rounded
+    to it, stored in it and computed in float32, as ComfyUI's Load Diffusion Model with weight_dtype fp8_* loads them
+    on a device without fp8 compute; with ``upcast`` as well: instead, a float32 model holding exactly those rounded
+    weights (the reference)."""
+    import comfy.model_detection
+    import comfy.model_management
+
+    if weight_dtype is not None:
+        weights = {k: v.to(weight_dtype) for k, v in weights.items()}
+    if weight_dtype is None or upcast:
+        model = comfy_flux_model(config)
+        model.diffusion_model.load_state_dict({k: v.float() for k, v in weights.items()})
+        return model
+    supported = comfy.model_detection.model_config_from_unet_config(dict(config)).supported_inference_dtypes
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, torch.device("cpu"), supported)
+    model = comfy_flux_model(config, weight_dtype, manual_cast_dtype=manual_cast)
+    model.diffusion_model.load_state_dict(weights)
+    return model
+
+
 def tiny_flux_model(seed: int = 0, weight_dtype: Optional[torch.dtype] = None, upcast: bool = False):
-    """weight_dtype (fp8): the same weights stored in it and computed in float32, as ComfyUI's Load Diffusion Model
-    with weight_dtype fp8_* loads them on a device without fp8 compute; upcast: instead, a float32 model holding
-    exactly those rounded weights."""
+    """The tiny FLUX.1 as a ModelPatcher; ``weight_dtype``, ``upcast``: as :func:`flux_model_holding` stores them."""
     import comfy.model_management
     import comfy.model_patcher
 
     model = comfy_flux_model(flux_unet_config(**FLUX_SIZES))
     randomize_(model.diffusion_model, seed)
     if weight_dtype is not None:
-        weights = {k: v.to(weight_dtype) for k, v in model.diffusion_model.state_dict().items()}
-        if upcast:
-            model.diffusion_model.load_state_dict({k: v.float() for k, v in weights.items()})
-        else:
-            manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, torch.device("cpu"),
-                                                                  model.model_config.supported_inference_dtypes)
-            model = comfy_flux_model(flux_unet_config(**FLUX_SIZES), weight_dtype, manual_cast_dtype=manual_cast)
-            model.diffusion_model.load_state_dict(weights)
+        model = flux_model_holding(flux_unet_config(**FLUX_SIZES), model.diffusion_model.state_dict(), weight_dtype,
+                                   upcast)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
