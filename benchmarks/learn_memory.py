@@ -740,10 +740,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         resolution=resolution, checkpoint=checkpoint, constants=results["constants"])
             check = dispatch(args, task, isolate)
             results["validation"].append(check)
+            ratio = check["predicted_over_measured"]  # None when a model this small grew the resident set by nothing
             print(f"end to end, {num_double}+{num_single} blocks, {resolution}², checkpointing "
                   f"{'on' if checkpoint else 'off'}: measured {check['measured_peak_above_weights_mb']:.0f} MiB "
                   f"above the weights, model {check['predicted_mb']:.0f} MiB "
-                  f"({check['predicted_over_measured']:.2f}x) [{check['wall_s']} s]", flush=True)
+                  f"({'no growth measured' if ratio is None else f'{ratio:.2f}x'}) [{check['wall_s']} s]", flush=True)
             _write(args.out, results)
 
     results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
