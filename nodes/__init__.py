@@ -18,6 +18,7 @@ from .adapter_loader import ModAdapterLoader  # noqa: E402
 from .concept_encoder import ModAdapterConceptEncoder  # noqa: E402
 from .concept_files import ModAdapterLoadConcept, ModAdapterSaveConcept  # noqa: E402
 from .concept_region import ModAdapterConceptRegion  # noqa: E402
+from .example_inputs import copy_example_inputs  # noqa: E402
 from .learn_concept import ModAdapterLearnConcept  # noqa: E402
 from .modulation_apply import ModAdapterModulationApply, ModAdapterModulationApplyAdvanced  # noqa: E402
 from .predictor import ModAdapterPredictor  # noqa: E402
@@ -45,4 +46,6 @@ class ModAdapterExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ModAdapterExtension:
+    # Here, not in ComfyExtension.on_load, which ComfyUI 0.3.64 never calls. Never raises.
+    copy_example_inputs()  # the FLUX.1 templates' Load Image nodes name them
     return ModAdapterExtension()

@@ -29,10 +29,12 @@ COMFYUI_TREES_HINT = (
 
 
 @pytest.fixture(scope="session")
-def comfyui():
+def comfyui(tmp_path_factory):
     """A real ComfyUI checkout, imported in-process on the CPU.
 
     Named by COMFYUI_PATH; the test is skipped, with the reason, without it.
+    Its input folder is a temporary one: loading the pack copies the example
+    images there (nodes/example_inputs.py), never into the checkout.
     """
     path = os.environ.get("COMFYUI_PATH")
     if not path:
@@ -52,7 +54,9 @@ def comfyui():
     import comfy.model_patcher  # noqa: F401
     import comfy.sample  # noqa: F401
     import comfy.supported_models  # noqa: F401
+    import folder_paths
 
+    folder_paths.set_input_directory(str(tmp_path_factory.mktemp("comfyui_input")))
     return sys.modules["comfy"]
 
 

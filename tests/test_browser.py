@@ -1,15 +1,16 @@
 """The pack in ComfyUI's real web frontend (headless Chromium), as an artist meets it.
 
 A ComfyUI server (COMFYUI_PATH) runs with the pack installed and, in its
-models/ and input/ folders, a stand-in file for every file the example
-workflows name (the frontend checks names, not contents). Each workflow is
+models/ folders, a stand-in file for every weight file the example workflows
+name (the frontend checks names, not contents); the example images are the
+pack's own, copied into input/ when the pack loads. Each workflow is
 dropped onto the canvas as a file drop would deliver it; the graph the
 frontend built must have every node type registered, every widget value and
 every link of the JSON, and no error outline. The node search must find every
 pack node. A screenshot of each loaded workflow goes to out/browser/ (or
-$MOD_ADAPTER_TEST_ARTIFACTS); with MOD_ADAPTER_WRITE_THUMBNAILS=1 the
-thumbnails beside the workflows (ComfyUI's template browser shows them) are
-made anew from them.
+$MOD_ADAPTER_TEST_ARTIFACTS). Each workflow is also opened as the template browser opens
+it, which fits the whole graph into the window (ComfyUI 0.33's frontend): it
+must open at a zoom where the canvas still draws text (template-<name>.png).
 
 Needs Playwright for Python and Debian's Chromium (`/usr/bin/chromium`, or
 $CHROMIUM); `.ci/run` installs both. Never `playwright install`: nothing is
@@ -43,13 +44,19 @@ FILE_FOLDERS = {"UNETLoader": "models/diffusion_models", "DualCLIPLoader": "mode
                 "ModAdapterLoader": "models/mod_adapter", "ModAdapterLoadConcept": "models/mod_concepts",
                 "LoadImage": "input"}
 FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".png", ".jpg")
+# Below min_font_size_for_lod / NODE_TEXT_SIZE = 8/14 = 0.571 the canvas draws nodes without text ("low quality");
+# a template must open clearly above it, at the 1600x1000 window the tests use.
+TEMPLATE_MIN_ZOOM = 0.62
 
 
 def _stand_in_files(base: Path) -> None:
+    """Empty stand-ins for the weights the workflows name; the example images are the pack's own, which it copies
+    into input/ when ComfyUI loads it (a stand-in there would keep them out)."""
+    shipped = {p.name for p in (REPO / "example_inputs").glob("*.jpg")}
     for path in WORKFLOW_FILES:
         for node in load_workflow(path)["nodes"]:
             for value in node.get("widgets_values") or []:
-                if isinstance(value, str) and value.endswith(FILE_SUFFIXES):
+                if isinstance(value, str) and value.endswith(FILE_SUFFIXES) and value not in shipped:
                     target = base / FILE_FOLDERS[node["type"]] / value
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if value.endswith(".png"):
@@ -103,16 +110,6 @@ CUT_OFF_TEXTS = """(() => {
 })()"""
 
 
-def write_thumbnail(screenshot: Path, target: Path) -> None:
-    """The workflow as it opens, cropped to the graph (no side bar, no top bar), 640 px wide, as JPEG."""
-    from PIL import Image
-
-    with Image.open(screenshot) as image:
-        graph = image.convert("RGB").crop((70, 80, 1340, 740))  # above the minimap and the status lines
-        graph.thumbnail((640, 640))
-        graph.save(target, "JPEG", quality=85, optimize=True)
-
-
 def open_comfyui(frontend):
     server, browser = frontend
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -143,10 +140,6 @@ def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
         page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(workflow["nodes"]), timeout=30_000)
         page.wait_for_timeout(1500)  # let the frontend draw and validate the graph
         page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
-        # regenerate the template browser's thumbnails; the toy world's show what they make
-        # (tests/test_toy_world_server.py writes those)
-        if os.environ.get("MOD_ADAPTER_WRITE_THUMBNAILS") and not path.stem.startswith("Toy world - "):
-            write_thumbnail(ARTIFACTS / f"{path.stem}.png", path.with_suffix(".jpg"))
         loaded = page.evaluate("""() => {
             const graph = window.app.graph;
             return {
@@ -177,6 +170,106 @@ def test_every_workflow_loads_intact_in_the_frontend(frontend, path):
     links = {tuple(link[:5]) for link in workflow["links"]}
     seen_links = {tuple(link[:5]) for link in loaded["serialized"]["links"]}
     assert seen_links == links
+
+
+def fitted_zoom(workflow: dict, width=1600, height=1000) -> float:
+    """The zoom the template browser opens a workflow at in ComfyUI 0.33's frontend (1.49): fitView() fits the
+    nodes' bounds (title bars included, 10 units around, groups not counted) into 3/4 of the window."""
+    left = min(n["pos"][0] for n in workflow["nodes"]) - 10
+    top = min(n["pos"][1] for n in workflow["nodes"]) - 30 - 10
+    right = max(n["pos"][0] + n["size"][0] for n in workflow["nodes"]) + 10
+    bottom = max(n["pos"][1] + n["size"][1] for n in workflow["nodes"]) + 10
+    return min(0.75 * width / max(right - left, 300), 0.75 * height / max(bottom - top, 300))
+
+
+# What the canvas shows once a workflow has opened: its zoom and whether it draws nodes without text.
+# `low_quality` (a getter in both frontends) follows ds.onChanged, so the zoom is compared with the threshold too.
+VIEW_JS = """() => {
+    const canvas = window.app.canvas;
+    const threshold = canvas._lowQualityZoomThreshold ?? canvas.low_quality_zoom_threshold ?? 0.6;
+    return {scale: canvas.ds.scale, low_quality: 'low_quality' in canvas ? canvas.low_quality : null, threshold,
+            nodes: window.app.graph.nodes.length, dialogs: document.querySelectorAll('[role=dialog]').length};
+}"""
+
+
+def settle(page) -> None:
+    """Lets the frontend fit the view (1.49 does it in an animation frame) and draw it."""
+    page.wait_for_timeout(1000)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_every_workflow_opens_from_the_template_browser_at_a_zoom_that_draws_text(frontend, path):
+    """A template card's click, without the dialog: the JSON as ComfyUI serves it from the pack's folder, loaded
+    as the template browser loads it. 1.49.6: loadGraphData(json, true, true, name, {openSource: 'template'}),
+    which fits the graph into the window; 1.27.10 calls loadGraphData(json, true, true, name), whose fifth
+    argument takes no openSource (the same call there), and restores the workflow's saved extra.ds."""
+    server, _ = frontend
+    workflow = load_workflow(path)
+    page = open_comfyui(frontend)
+    try:
+        page.evaluate("""async ([url, name]) => {
+            const json = await (await fetch(url)).json();
+            await window.app.loadGraphData(json, true, true, name, {openSource: 'template'});
+        }""", [f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{path.stem}.json", path.stem])
+        page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(workflow["nodes"]), timeout=30_000)
+        settle(page)
+        page.screenshot(path=str(ARTIFACTS / f"template-{path.stem}.png"))
+        view = page.evaluate(VIEW_JS)
+    finally:
+        page.close()
+    assert view["scale"] >= TEMPLATE_MIN_ZOOM, (
+        f"opens from the template browser at zoom {view['scale']:.3f} (fitView's estimate "
+        f"{fitted_zoom(workflow):.3f}): make the layout more compact")
+    assert view["scale"] >= view["threshold"] and view["low_quality"] in (False, None), view
+
+
+def test_the_template_browser_lists_the_pack_and_opens_its_templates_readable(frontend):
+    """Workflow -> Browse Templates (the command the menu runs), the pack's category, then a card: the dialog lists
+    every workflow by its title, and the card opens its workflow at the zoom the direct load gives."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    titles = sorted(p.stem for p in WORKFLOW_FILES)
+    # the tightest layout, as the fit computes it
+    tightest = min(WORKFLOW_FILES, key=lambda p: fitted_zoom(load_workflow(p)))
+    page = open_comfyui(frontend)
+    try:
+        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        dialog = page.get_by_role("dialog").first
+        dialog.wait_for(timeout=30_000)
+        category = dialog.get_by_text(PACK_FOLDER, exact=True).first  # "Extensions" (1.49) / "Custom Nodes" (1.27)
+        category.wait_for(timeout=30_000)
+        category.click()
+        try:  # the cards come in as the thumbnails load
+            page.wait_for_function("""(titles) => { const d = document.querySelector('[role=dialog]');
+                                       return !!d && titles.every(t => d.innerText.includes(t)); }""",
+                                   arg=titles, timeout=30_000)
+        except PlaywrightTimeout:
+            pass  # the assertion below says what was listed
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "template-browser.png"))
+        listed = dialog.inner_text()
+        missing = [t for t in titles if t not in listed]
+        assert not missing, f"not in the template browser's {PACK_FOLDER} category: {missing}\n{listed[-2000:]}"
+        dialog.get_by_text(tightest.stem, exact=True).first.click()
+        page.wait_for_function("(n) => window.app.graph.nodes.length === n",
+                               arg=len(load_workflow(tightest)["nodes"]), timeout=30_000)
+        settle(page)
+        view = page.evaluate(VIEW_JS)
+        # the direct load of the test above, on the same page: it must give what the card gave
+        page.evaluate("""async ([pack, name]) => {
+            const json = await (await fetch(`api/workflow_templates/${pack}/${name}.json`)).json();
+            window.app.graph.clear();
+            window.app.canvas.ds.scale = 1;
+            await window.app.loadGraphData(json, true, true, name, {openSource: 'template'});
+        }""", [PACK_FOLDER, tightest.stem])
+        settle(page)
+        direct = page.evaluate(VIEW_JS)
+    finally:
+        page.close()
+    assert view["dialogs"] == 0, "the template browser stayed open after a card was clicked"
+    assert view["scale"] >= TEMPLATE_MIN_ZOOM and view["low_quality"] in (False, None), (tightest.stem, view)
+    assert direct["scale"] == pytest.approx(view["scale"], abs=1e-6), (tightest.stem, view, direct)
 
 
 def test_the_node_search_finds_every_pack_node(frontend):

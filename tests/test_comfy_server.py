@@ -48,8 +48,7 @@ def server(comfyui, tmp_path_factory):
     (base / "models" / "mod_adapter").mkdir(parents=True)
     tiny_comfy.tiny_adapter_checkpoint(str(base / "models" / "mod_adapter" / ADAPTER))
     (base / "input").mkdir()
-    for seed, name in enumerate(["concept.png", "dog.png", "pose.png", "lighting.png"]):
-        concept_png(base / "input" / name, seed)
+    concept_png(base / "input" / "concept.png", 0)  # the FLUX.1 templates' own images the pack copies in
     with running_comfyui(base) as instance:
         yield instance
 
@@ -185,7 +184,7 @@ def test_flux_learn_concept_workflow_runs_end_to_end(server):
     (curve_id,) = [i for i, n in prompt.items() if n["class_type"] == "PreviewImage"]
     (curve,) = server.image_files(entry, curve_id)
     assert read_png(curve).shape[1] == 900  # the loss curve
-    learned = list((server.base / "models" / "mod_concepts").rglob("learned_dog_*.safetensors"))
+    learned = list((server.base / "models" / "mod_concepts").rglob("learned_cat_*.safetensors"))
     assert learned, "the template saves the learned concept for 'Reuse saved concepts'"
     for path in learned:  # the saved-concepts test below lists that folder
         path.unlink()
@@ -222,11 +221,11 @@ def test_bypassing_modulation_apply_gives_exactly_the_plain_flux_image(server):
 def test_multi_concept_workflow_saves_the_files_that_saved_concepts_workflow_loads(server):
     multi = tiny_workflow(MULTI_CONCEPT, prefix="multi/concepts", image=None)
     assert sorted(n["widgets_values"][0] for n in multi["nodes"] if n["type"] == "LoadImage") == [
-        "dog.png", "lighting.png", "pose.png"]
+        "mod_adapter_example_cat.jpg", "mod_adapter_example_lighting.jpg", "mod_adapter_example_pose.jpg"]
     prompt = ui_to_api(multi, server.object_info)
     entry = server.run(prompt)
     concepts = server.base / "models" / "mod_concepts"
-    assert sorted(os.listdir(concepts)) == ["my_concepts_dog_00001.safetensors",
+    assert sorted(os.listdir(concepts)) == ["my_concepts_cat_00001.safetensors",
                                             "my_concepts_lighting_00001.safetensors",
                                             "my_concepts_pose_00001.safetensors"]
     (save_id,) = [i for i, n in prompt.items() if n["class_type"] == "ModAdapterSaveConcept"]
@@ -251,7 +250,7 @@ def test_missing_adapter_and_concept_files_are_refused_when_queued(server):
     saved = tiny_workflow(SAVED_CONCEPTS)
     for node in saved["nodes"]:
         if node["type"] == "ModAdapterLoadConcept":
-            node["widgets_values"][0] = "not_there_dog_00001.safetensors"
+            node["widgets_values"][0] = "not_there_cat_00001.safetensors"
     for workflow, kind in ((single, "ModAdapterLoader"), (saved, "ModAdapterLoadConcept")):
         # 400 when nothing can run; 200 when other outputs (the encoder's preview) still can: either way the
         # node carries the error, which the frontend outlines in red before anything runs.

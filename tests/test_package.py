@@ -134,6 +134,11 @@ def test_loads_as_a_custom_node_folder_under_any_name_without_the_training_code(
     loaded = sorted(name for name in sys.modules if name.startswith(package + "."))
     assert f"{package}.nodes.toy_world" in loaded, loaded
     assert not [name for name in loaded if name.startswith(f"{package}.modules.training")], loaded
+    import folder_paths  # the comfyui fixture made its input folder a temporary one
+
+    examples = sorted(p.name for p in (folder / "example_inputs").glob("*.jpg"))
+    assert examples and set(examples) <= set(os.listdir(folder_paths.get_input_directory())), \
+        "loading the pack copies the FLUX.1 templates' example images into ComfyUI's input folder"
 
 
 def test_comfy_registry_reads_the_pyproject(comfyui):
@@ -155,4 +160,19 @@ def test_comfyignore_keeps_development_files_out_of_the_published_archive():
     ignored = {line.strip() for line in (REPO / ".comfyignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {"tests/", "benchmarks/", ".ci/"} <= ignored
-    assert not ignored & {"nodes/", "modules/", "workflows/", "world/", "__init__.py", "requirements.txt"}
+    assert not ignored & {"nodes/", "modules/", "workflows/", "world/", "example_inputs/", "__init__.py",
+                          "requirements.txt"}
+    assert not [i for i in ignored if i.endswith(".jpg")], ignored  # the example images and template cards ship
+
+
+def test_the_installed_package_ships_the_templates_and_their_example_images():
+    """pyproject's package-data names every file of the folders the nodes read at run time."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mod_adapter"]
+    for folder in ("workflows", "example_inputs"):
+        files = [p.relative_to(REPO).as_posix() for p in (REPO / folder).iterdir() if p.is_file()]
+        assert files, folder
+        for file in files:
+            assert any(fnmatch.fnmatch(file, pattern) for pattern in patterns), f"{file} is not in package-data"

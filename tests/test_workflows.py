@@ -23,7 +23,7 @@ WORKFLOWS_DIR = REPO / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
 # File names are the titles ComfyUI's template browser shows (Templates -> the pack's folder).
 SINGLE_CONCEPT = "One concept from one photo.json"
-MULTI_CONCEPT = "Three concepts in one image - dog pose lighting.json"
+MULTI_CONCEPT = "Three concepts in one image - cat pose lighting.json"
 SAVED_CONCEPTS = "Reuse saved concepts - no adapter needed.json"
 EXPECTED_WORKFLOWS = {SINGLE_CONCEPT, MULTI_CONCEPT, SAVED_CONCEPTS}
 
@@ -326,11 +326,20 @@ def test_apply_gets_the_same_prompt_and_clip_as_the_text_encoder_so_bypass_gives
             assert (cfg, sampler_name, scheduler) == (1.0, "euler", "simple")  # FLUX dev: guidance, not cfg
 
 
+def test_every_load_image_names_an_example_image_the_pack_ships():
+    """No Load Image is red because of us: each one names a file of example_inputs/, which the pack copies into
+    ComfyUI's input folder when it loads (nodes/example_inputs.py)."""
+    shipped = {p.name for p in (REPO / "example_inputs").glob("*.jpg")}
+    named = {node["widgets_values"][0] for path in WORKFLOW_FILES for node in load_workflow(path)["nodes"]
+             if node["type"] == "LoadImage"}
+    assert named and named <= shipped, named - shipped
+
+
 def test_example_specifics():
     single, multi, saved = (load_workflow(WORKFLOWS_DIR / name) for name in
                             (SINGLE_CONCEPT, MULTI_CONCEPT, SAVED_CONCEPTS))
-    assert concept_words(single) == ["dog"] and apply_texts(single) == ["a photo of a dog playing in the snow"]
-    assert concept_words(multi) == ["dog", "pose", "lighting"]
+    assert concept_words(single) == ["cat"] and apply_texts(single) == ["a photo of a cat playing in the snow"]
+    assert concept_words(multi) == ["cat", "pose", "lighting"]
     predictors = [n for n in multi["nodes"] if n["type"] == "ModAdapterPredictor"]
     chained = [input_source(multi, p, "concepts") for p in predictors]
     assert sum(source is None for source in chained) == 1, "the Predictors form one chain"
