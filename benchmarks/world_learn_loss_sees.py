@@ -9,9 +9,14 @@ script replays its draws), per σ bin, on the same noise draws:
 * ``stated``: the loss under the full caption, the concept's value stated in words (the text oracle);
 * ``wrong``: the same, with the concept's attributes stated wrong (the values of another scene, as the
   evaluation prompts draw them);
+* ``wrong <attribute>``: the same, with only that one of the concept's attributes wrong (for a kind of two
+  attributes, e.g. a surface's colour and pattern): how much of the signal each attribute gives;
 * ``bare``: under the learning caption with Δ = 0 (the bare word);
 * ``learned``: under the learning caption with the learned Δ on the word (when ``--work-dir`` holds the concept
-  files of an ``eval-learn`` run).
+  files of an ``eval-learn`` run);
+* ``adapter``: under the learning caption with the adapter's predicted Δ on the word (with ``--adapter``): a Δ
+  that is known to carry the concept to new prompts (docs/results.md, the table). Where it has a higher loss
+  than ``learned``, the loss of the concept image prefers a Δ that does not transfer.
 
 ``wrong − stated`` is the signal that tells the right value from a wrong one; ``bare − learned`` is what the
 learned Δ took of it. Both are in units of the loss (a mean squared error of the velocity, about 1.4 here).
@@ -42,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="eval-learn's --prompts (replays its draws)")
     parser.add_argument("--seed", type=int, default=7, help="eval-learn's --seed (default 7)")
     parser.add_argument("--draws", type=int, default=16, help="noise draws per σ bin (default 16)")
+    parser.add_argument("--adapter", help="a Mod-Adapter checkpoint: adds the loss of its predicted Δ")
     args = parser.parse_args(argv)
 
     from mod_adapter.modules.concept_file import load_concept
@@ -57,8 +63,13 @@ def main(argv=None) -> int:
     from mod_adapter.modules.world.split import EVAL, random_scene
     from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
 
-    _, pipe, _ = world_pipeline(args.world or WORLD_FOLDER)
+    paths, pipe, _ = world_pipeline(args.world or WORLD_FOLDER)
     torch.set_grad_enabled(False)
+    predictor = None
+    if args.adapter:
+        from mod_adapter.modules.world.methods import AdapterPredictor, WorldModels
+
+        predictor = AdapterPredictor(WorldModels.load(paths, pipe), args.adapter)
 
     def loss_by_bin(caption, latents, delta=None, positions=None):
         embeds, pooled = encode_caption(pipe, caption, "cpu", MAX_SEQUENCE_LENGTH)
@@ -82,9 +93,16 @@ def main(argv=None) -> int:
             losses = {"stated": loss_by_bin(full_caption(scene), latents),
                       "wrong": loss_by_bin(full_caption(wrong_scene), latents),
                       "bare": loss_by_bin(learning_caption, latents)}
+            attributes = CONCEPT_ATTRIBUTES[kind]
+            for name in attributes if len(attributes) > 1 else ():
+                one_wrong = dataclasses.replace(scene, **{name: getattr(wrong_scene, name)})
+                losses[f"wrong {name}"] = loss_by_bin(full_caption(one_wrong), latents)
             concept_path = os.path.join(args.work_dir, kind, f"{kind}-{c:03d}.safetensors")
             if os.path.isfile(concept_path):
                 losses["learned"] = loss_by_bin(learning_caption, latents, load_concept(concept_path).delta,
+                                                word_positions(pipe, learning_caption, kind))
+            if predictor is not None:
+                losses["adapter"] = loss_by_bin(learning_caption, latents, predictor.delta(scene, kind),
                                                 word_positions(pipe, learning_caption, kind))
             per_concept.append(losses)
             print(f"{kind} {c + 1}/{args.concepts}", file=sys.stderr)
@@ -93,11 +111,16 @@ def main(argv=None) -> int:
             for name in per_concept[0]:
                 row[name] = float(np.mean([p[name][b] for p in per_concept]))
             row["wrong_minus_stated"] = row["wrong"] - row["stated"]
+            for name in CONCEPT_ATTRIBUTES[kind]:
+                if f"wrong {name}" in row:
+                    row[f"wrong_{name}_minus_stated"] = row[f"wrong {name}"] - row["stated"]
             if "learned" in row:
                 row["bare_minus_learned"] = row["bare"] - row["learned"]
             rows.append(row)
     print(json.dumps(rows, indent=1))
-    columns = ["kind", "sigma", "stated", "wrong", "bare", "learned", "wrong_minus_stated", "bare_minus_learned"]
+    columns = ["kind", "sigma", "stated", "wrong", "bare", "learned", "adapter", "wrong_minus_stated",
+               "bare_minus_learned"]
+    columns += sorted({c for row in rows for c in row if c.startswith("wrong_") and c != "wrong_minus_stated"})
     print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) if isinstance(row.get(c), str) else

@@ -1,5 +1,7 @@
 """The world's table: test cases, scoring, intervals, and every row's plumbing on an untrained world."""
 
+import re
+
 import pytest
 
 from mod_adapter.modules.world.scene import ATTRIBUTES
@@ -200,6 +202,76 @@ def test_eval_learn_scores_the_learned_delta_against_the_bare_word(untrained, tm
     with safe_open(str(tmp_path / "surface" / "surface-000.safetensors"), "pt") as learned:
         source = json.loads(learned.metadata()["source"])
     assert source["lr"] == 0.02 and source["batch_size"] == 2  # the settings reached the learner
+    assert set(row["cp_by_attribute"]) == {"colour", "pattern"}
+    assert row["cp"] == sum(row["cp_by_attribute"].values()) / 2
+
+    # The same concept file, reused at another strength: nothing is learned again, the prompts and seeds are the
+    # same (the bare word reads the same), and the learned file is untouched.
+    learned_bytes = (tmp_path / "surface" / "surface-000.safetensors").read_bytes()
+    again = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1",
+                            "--prompts", "2", "--learn-steps", "2", "--learn-lr", "0.02", "--steps", "2",
+                            "--reuse-learned", "--scale", "0", "--work-dir", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    (reused,) = json.loads(again.stdout)["rows"]
+    assert reused["learn_seconds_per_concept"] is None and "reused" in again.stderr
+    assert (tmp_path / "surface" / "surface-000.safetensors").read_bytes() == learned_bytes
+    assert reused["cp_bare_word"] == row["cp_bare_word"] and reused["pf_bare_word"] == row["pf_bare_word"]
+    # At strength 0 the learned Δ does nothing: the image is the bare word's
+    assert reused["cp"] == reused["cp_bare_word"] and reused["pf"] == reused["pf_bare_word"]
+
+
+def test_eval_learn_passes_its_stage_split_to_the_learner(untrained, tmp_path):
+    import json
+
+    world, _ = untrained
+    run = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "pose", "--concepts", "1",
+                          "--prompts", "1", "--learn-steps", "3", "--learn-stage1-steps", "3", "--steps", "1",
+                          "--work-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["learn_stage1_steps"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pose" / "pose-000.safetensors"), "pt") as learned:
+        source = json.loads(learned.metadata()["source"])
+        delta = learned.get_tensor("delta")
+    assert source["stage1_steps"] == 3, source
+    # stage 1 only: one global direction, the same in every block
+    import torch
+
+    assert delta.abs().sum() > 0 and torch.equal(delta, delta[:1].expand_as(delta))
+
+    # Any other LearnConfig field reaches the learner (here one it must refuse); an unknown name is refused first
+    bad = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "pose", "--concepts", "1",
+                          "--prompts", "1", "--learn-steps", "3", "--steps", "1", "--learn-config",
+                          "stage2_sigma_range=[0.5,2]", "--work-dir", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "stage2_sigma_range must be (low, high)" in bad.stderr, bad.stderr[-2000:]
+    unknown = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "pose", "--learn-config",
+                              "stage3_steps=1", "--work-dir", str(tmp_path / "unknown"))
+    assert unknown.returncode != 0 and "NAME one of" in unknown.stderr and "Traceback" not in unknown.stderr
+
+    # TokenVerse's decomposition: every word of the learning caption gets a Δ of its own, in one run
+    every = mod_adapter_cli("world", "eval-learn", "--world", world, "--kinds", "pose", "--concepts", "1",
+                            "--prompts", "1", "--learn-steps", "2", "--steps", "1", "--learn-every-word",
+                            "--work-dir", str(tmp_path / "every"))
+    assert every.returncode == 0, every.stderr[-3000:]
+    assert json.loads(every.stdout)["learn_every_word"] is True
+    files = sorted((tmp_path / "every" / "pose" / "pose-000-every-word").glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as first:
+        caption = json.loads(first.metadata()["source"])["caption"]
+    assert [f.stem for f in files] == sorted(set(re.findall(r"[a-z]+", caption))), caption
+    for path in files:
+        with safe_open(str(path), "pt") as learned:
+            assert learned.metadata()["word"] == path.stem
+            assert json.loads(learned.metadata()["source"])["caption"] == caption  # learned together
+
+
+def test_caption_words_are_the_distinct_words_with_the_concept_word_first():
+    from mod_adapter.modules.world.evaluation import caption_words
+
+    assert caption_words("a ring with a surface in a pose, on the left", "pose") == [
+        "pose", "a", "ring", "with", "surface", "in", "on", "the", "left"]
+    with pytest.raises(ValueError, match="lighting"):
+        caption_words("a ring with a surface", "lighting")
 
 
 def test_the_demo_writes_a_labelled_grid(untrained, tmp_path):

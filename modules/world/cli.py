@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Dict, List
 
 from ..errors import ModAdapterError
 from ..training.command_line import add_loop_arguments, finish_training, loop_config
@@ -133,6 +134,26 @@ def cmd_world_eval_flux(args: argparse.Namespace) -> int:
     return 0
 
 
+def learn_config_settings(pairs: List[str]) -> Dict[str, object]:
+    """``NAME=VALUE`` pairs (VALUE in JSON) as LearnConfig fields; lists become tuples (the σ ranges)."""
+    import dataclasses
+
+    from ..learn_concept import LearnConfig
+
+    names = {f.name for f in dataclasses.fields(LearnConfig)}
+    settings = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in names or not text:
+            raise ModAdapterError(f"--learn-config {pair!r}: give NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ModAdapterError(f"--learn-config {pair!r}: VALUE must be JSON ({error})") from None
+        settings[name] = tuple(value) if isinstance(value, list) else value
+    return settings
+
+
 def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     from ..learn_concept import LearnConfig
     from .evaluation import concept_learning
@@ -140,17 +161,24 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     paths, pipe, judge = world_pipeline(args.world)
     learn_lr = args.learn_lr  # None: Learn Concept's learning-rate rule
     learn_batch_size = LearnConfig.batch_size if args.learn_batch_size is None else args.learn_batch_size
+    learn_settings = learn_config_settings(args.learn_config)
     rows = []
     for kind in args.kinds:
         scores = concept_learning(paths["flux"], pipe, judge, kind, concepts=args.concepts,
                                   prompts_per_concept=args.prompts, steps=args.learn_steps, lr=learn_lr,
-                                  batch_size=learn_batch_size, seed=args.seed,
+                                  batch_size=learn_batch_size, stage1_steps=args.learn_stage1_steps,
+                                  scale=args.scale, reuse_learned=args.reuse_learned, settings=learn_settings,
+                                  every_word=args.learn_every_word,
+                                  seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
         rows.append(scores.summary())
     print(json.dumps({"concepts_per_kind": args.concepts, "prompts_per_concept": args.prompts,
                       "learn_steps": args.learn_steps, "learn_lr": learn_lr if learn_lr is not None else "rule",
-                      "learn_batch_size": learn_batch_size, "sample_steps": args.steps,
+                      "learn_batch_size": learn_batch_size, "learn_stage1_steps": "4/7" if args.learn_stage1_steps is None else args.learn_stage1_steps,
+                      "learn_config": learn_settings, "learn_every_word": args.learn_every_word,
+                      "scale": args.scale, "reused": args.reuse_learned,
+                      "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
     return 0
 
@@ -349,6 +377,18 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--learn-batch-size", type=int,
                             help="noise draws of the concept image per Learn Concept step (default: Learn Concept's "
                                  "own, 1)")
+    eval_learn.add_argument("--learn-stage1-steps", type=int,
+                            help="Learn Concept stage-1 steps (default 4/7 of --learn-steps, TokenVerse's split)")
+    eval_learn.add_argument("--learn-config", action="append", default=[], metavar="NAME=VALUE",
+                            help="any other Learn Concept setting (a LearnConfig field, VALUE in JSON), e.g. "
+                                 "stage2_sigma_range=[0,1]; repeatable")
+    eval_learn.add_argument("--scale", type=float, default=1.0, help="the learned Δ's strength when sampling "
+                                                                      "(default 1)")
+    eval_learn.add_argument("--learn-every-word", action="store_true",
+                            help="learn a Δ for every word of the learning caption at once (TokenVerse's "
+                                 "decomposition) and score the concept word's; default: the concept word only")
+    eval_learn.add_argument("--reuse-learned", action="store_true",
+                            help="score concept files already in --work-dir instead of learning them again")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     eval_learn.add_argument("--work-dir", required=True, help="folder for the concept images and learned files")
     eval_learn.set_defaults(func=cmd_world_eval_learn)

@@ -17,7 +17,9 @@ Every draw is seeded; the numbers go to docs/results.md with the command.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -105,12 +107,30 @@ class ConceptScores:
     cp_bare: List[float] = field(default_factory=list)
     pf_bare: List[float] = field(default_factory=list)
     learn_seconds: List[float] = field(default_factory=list)
+    # Per concept attribute (e.g. colour and pattern of a surface): 1.0/0.0 per image, with Δ and bare.
+    hits: Dict[str, List[float]] = field(default_factory=dict)
+    hits_bare: Dict[str, List[float]] = field(default_factory=dict)
 
-    def summary(self) -> Dict[str, float]:
+    def add_reads(self, concept: Scene, target: Scene, read: Dict[str, str], read_bare: Dict[str, str]) -> None:
+        cp, pf = score(read, concept, target, self.kind)
+        cp0, pf0 = score(read_bare, concept, target, self.kind)
+        self.cp.append(cp)
+        self.pf.append(pf)
+        self.cp_bare.append(cp0)
+        self.pf_bare.append(pf0)
+        for name in CONCEPT_ATTRIBUTES[self.kind]:
+            self.hits.setdefault(name, []).append(float(read[name] == getattr(concept, name)))
+            self.hits_bare.setdefault(name, []).append(float(read_bare[name] == getattr(concept, name)))
+
+    def summary(self) -> Dict[str, object]:
+        # Reused concept files were not learned in this run: no time to report for them.
+        seconds = float(np.mean(self.learn_seconds)) if self.learn_seconds else None
         return {"kind": self.kind, "images": len(self.cp), "cp": float(np.mean(self.cp)),
                 "cp_bare_word": float(np.mean(self.cp_bare)), "pf": float(np.mean(self.pf)),
                 "pf_bare_word": float(np.mean(self.pf_bare)),
-                "learn_seconds_per_concept": float(np.mean(self.learn_seconds))}
+                "learn_seconds_per_concept": seconds,
+                "cp_by_attribute": {name: float(np.mean(v)) for name, v in self.hits.items()},
+                "cp_by_attribute_bare_word": {name: float(np.mean(v)) for name, v in self.hits_bare.items()}}
 
 
 def score(read: Dict[str, str], concept: Scene, target: Scene, kind: str) -> Tuple[float, float]:
@@ -131,11 +151,30 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
             return candidate
 
 
+def caption_words(caption: str, first: str) -> List[str]:
+    """The distinct words of ``caption`` in order, ``first`` moved to the front (it must be one of them)."""
+    words = list(dict.fromkeys(re.findall(r"[a-z]+", caption.lower())))
+    if first not in words:
+        raise ValueError(f"{first!r} is not a word of {caption!r}")
+    return [first] + [w for w in words if w != first]
+
+
 def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int, prompts_per_concept: int,
                      steps: int, seed: int, work_dir: str, sample_steps: int, cfg: float,
                      lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
+                     stage1_steps: Optional[int] = None, scale: float = 1.0, reuse_learned: bool = False,
+                     settings: Optional[Dict[str, object]] = None, every_word: bool = False,
                      log=print) -> ConceptScores:
-    """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only."""
+    """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
+
+    stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
+    scale: the learned Δ's strength s at sampling.
+    reuse_learned: score a concept file already in ``work_dir`` instead of learning it again (the concept
+        images, prompts and seeds are drawn the same either way), e.g. to sample one run at other scales.
+    settings: other LearnConfig fields, e.g. ``{"stage2_sigma_range": (0.0, 1.0)}``.
+    every_word: learn a Δ for every word of the learning caption at once (TokenVerse's decomposition: each text
+        token gets its own direction), and score only the concept word's; otherwise only the concept word is learned.
+    """
     from ..concept_file import load_concept
     from ..learn_diffusers import learn_concept_files
     from .sampling import generate
@@ -150,33 +189,39 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         concept_scene = random_scene(rng, EVAL)
         image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
         Image.fromarray(render(concept_scene)).save(image_path)
-        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7),
+        config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7) if stage1_steps is None else stage1_steps,
                              lr=lr, batch_size=batch_size, seed=seed + c,
                              flip_probability=0.0, log_every=0)
-        started = time.perf_counter()
-        report = learn_concept_files(flux_folder, [image_path], concept_caption(concept_scene, kind), [kind],
-                                     os.path.join(work_dir, f"{kind}-{c:03d}.safetensors"), config=config,
-                                     resolution=64, device="cpu", dtype="fp32", gradient_checkpointing=False,
-                                     max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0, overwrite=True,
-                                     show_progress=False, log=lambda message: None)
-        scores.learn_seconds.append(time.perf_counter() - started)
-        learned = load_concept(report.paths[0])
+        config = dataclasses.replace(config, **(settings or {}))
+        learning_caption = concept_caption(concept_scene, kind)
+        if every_word:  # one file per word in a folder of its own; the concept word's is scored
+            words = caption_words(learning_caption, first=kind)
+            out = os.path.join(work_dir, f"{kind}-{c:03d}-every-word")
+            concept_path = os.path.join(out, f"{kind}.safetensors")
+        else:
+            words, out = [kind], os.path.join(work_dir, f"{kind}-{c:03d}.safetensors")
+            concept_path = out
+        learn_now = not (reuse_learned and os.path.exists(concept_path))
+        if learn_now:
+            started = time.perf_counter()
+            learn_concept_files(flux_folder, [image_path], learning_caption, words,
+                                out, config=config, resolution=64, device="cpu", dtype="fp32",
+                                gradient_checkpointing=False, max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0,
+                                overwrite=True, show_progress=False, log=lambda message: None)
+            scores.learn_seconds.append(time.perf_counter() - started)
+        learned = load_concept(concept_path)
         delta = learned.delta
         targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
         prompts = [concept_caption(t, kind) for t in targets]
         seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
-        concepts_per_prompt = [[TokenConcept(delta, word_positions(pipe, p, kind), 1.0, name=kind)] for p in prompts]
+        concepts_per_prompt = [[TokenConcept(delta, word_positions(pipe, p, kind), scale, name=kind)] for p in prompts]
         with_delta = judge_reads(judge, generate(pipe, prompts, seeds, steps=sample_steps, cfg=cfg,
                                                  concepts=concepts_per_prompt))
         bare = judge_reads(judge, generate(pipe, prompts, seeds, steps=sample_steps, cfg=cfg))
         for target, read, read_bare in zip(targets, with_delta, bare):
-            cp, pf = score(read, concept_scene, target, kind)
-            cp0, pf0 = score(read_bare, concept_scene, target, kind)
-            scores.cp.append(cp)
-            scores.pf.append(pf)
-            scores.cp_bare.append(cp0)
-            scores.pf_bare.append(pf0)
+            scores.add_reads(concept_scene, target, read, read_bare)
         log(f"{kind} {c + 1}/{concepts}: CP {np.mean(scores.cp):.2f} (bare word {np.mean(scores.cp_bare):.2f}), "
-            f"PF {np.mean(scores.pf):.2f}, {scores.learn_seconds[-1]:.0f} s to learn at lr {learned.source['lr']:.3g}")
+            f"PF {np.mean(scores.pf):.2f}, lr {learned.source['lr']:.3g}"
+            + (f", {scores.learn_seconds[-1]:.0f} s to learn" if learn_now else ", reused"))
     return scores
 
