@@ -224,7 +224,8 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Float.Input("stage1_t_min", default=0.8, min=0.0, max=1.0, step=0.01,
                                tooltip="Stage 1 draws 92% of its timesteps from [this, 1] (paper: 0.8)."),
                 io.Float.Input("stage2_t_max", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="Stage 2 draws 92% of its timesteps from [0, this] (paper: 0.8)."),
+                               tooltip="Stage 2 draws 92% of its timesteps from [0, this] (paper: 0.8). 1.0 carried a "
+                                       "lighting better on the toy world (docs/results.md)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute blocks in the backward pass: much less memory, ~30% slower."),
                 io.Boolean.Input("save", default=False, tooltip="Also save the learned concepts to models/mod_concepts."),
