@@ -68,7 +68,8 @@ class ModAdapterLoadConcept(io.ComfyNode):
                 io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
                                tooltip="A concept file (.safetensors) in models/mod_concepts."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=3.0, step=0.05,
-                               tooltip="Multiplies the strength stored in the file."),
+                               tooltip="Multiplies the strength stored in the file. A learned lighting may "
+                               "want about 1.5 (docs/results.md); a pose or an object, 1."),
                 ConceptsSocket.Input("concepts", optional=True, tooltip="Concepts to chain onto."),
             ],
             outputs=[ConceptsSocket.Output(display_name="CONCEPTS", tooltip="The chain with this concept added: "
