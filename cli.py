@@ -382,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diffusers folder or cached repo with the text encoders, tokenizers and VAE, for a single "
                             "transformer file (default: black-forest-labs/FLUX.1-dev)")
     learn.add_argument("--image", required=True, nargs="+", metavar="IMAGE", help="one or more concept images")
-    learn.add_argument("--caption", required=True, help="the caption of the images; it must contain every --word")
+    learn.add_argument("--caption", required=True, nargs="+",
+                       help="the caption of the images, or one caption per --image in the same order (the same "
+                            "concepts in other settings: each image is denoised under its own caption); every "
+                            "caption must contain every --word")
     learn.add_argument("--word", required=True, nargs="+", metavar="WORD",
                        help="concept word(s) of the caption to learn, one concept file each")
     learn.add_argument("--out", required=True, metavar="FILE_OR_FOLDER",

@@ -14,6 +14,11 @@ the ordinary FLUX flow-matching denoising loss:
 Several words of one caption are learned at once (TokenVerse's decomposition:
 "a *dog* on a *beach*" gives one Δ for "dog" and one for "beach").
 
+Images of the same concepts under other captions (:class:`CaptionedImages`)
+join the run as more training images: a step draws its images from all of
+them, each denoised under its own caption. What the images share is then
+what the concept words have to carry (a dog seen on a beach and in a room).
+
 TokenVerse's concept-isolation loss (:class:`IsolationPartner`): on a share of
 the steps the concept image is composed, side by side, with another concept
 image, under a caption that names both. The concept's half is denoised as
@@ -35,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +224,55 @@ class IsolationPartner:
     latents: torch.Tensor
 
 
+@dataclass
+class CaptionedImages:
+    """More images of the concepts being learned, under a caption of their own.
+
+    denoiser: the same model, built on these images' caption;
+    positions: per learned word, its token indices in that caption;
+    latents: (N, C, H, W) the images, encoded as the main concept images (same size);
+    flipped_latents: their mirror images' encodings, or None to flip the latents.
+    """
+
+    denoiser: Denoiser
+    positions: Sequence[Sequence[int]]
+    latents: torch.Tensor
+    flipped_latents: Optional[torch.Tensor] = None
+
+
+def captions_per_image(caption: Union[str, Sequence[str]], num_images: int) -> List[str]:
+    """One caption per image: ``caption`` is one caption for every image, or a list of one per image."""
+    captions = [caption] * num_images if isinstance(caption, str) else list(caption)
+    if len(captions) == 1:
+        captions = captions * num_images
+    if len(captions) != num_images:
+        raise ModAdapterError(f"{len(captions)} captions for {num_images} images: give one caption for all the "
+                              f"images, or one per image in the images' order")
+    if not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ModAdapterError("Give the caption of the concept image(s), containing every concept word")
+    return [c.strip() for c in captions]
+
+
+def caption_lines(text: str, num_images: int) -> List[str]:
+    """One caption per image from a text box: the whole text for every image, or, when it has several non-empty
+    lines, one line per image."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return captions_per_image(text or "", num_images)
+    if len(lines) != num_images:
+        raise ModAdapterError(f"The caption has {len(lines)} lines for {num_images} image(s): write one caption "
+                              f"on one line for all the images, or one line per image in the batch's order")
+    return captions_per_image(lines, num_images)
+
+
+def group_by_caption(captions: Sequence[str]) -> Dict[str, List[int]]:
+    """Image indices per distinct caption, in the order the captions first appear (the first image's is the main)."""
+    groups: Dict[str, List[int]] = {}
+    for index, text in enumerate(captions):
+        groups.setdefault(text, []).append(index)
+    return groups
+
+
 def composed_caption(layout, caption: str, partner_caption: str) -> str:
     """The caption of a concept image beside an isolation partner: the caption, " and ", the partner's caption.
 
@@ -361,6 +415,29 @@ def _check_partners(partners: Sequence[IsolationPartner], latents: torch.Tensor,
     return checked
 
 
+def _check_more_images(more_images: Sequence[CaptionedImages], latents: torch.Tensor,
+                       words: Sequence[str]) -> List[CaptionedImages]:
+    checked = []
+    for index, group in enumerate(more_images):
+        what = f"image group {index + 2}"  # group 1 is the main caption's images
+        if not isinstance(group, CaptionedImages) or not isinstance(group.denoiser, Denoiser):
+            raise TypeError(f"{what} must be CaptionedImages with a Denoiser")
+        _check_latents(group.latents, f"{what}'s latents")
+        if group.latents.shape[1:] != latents.shape[1:]:
+            raise ModAdapterError(f"{what}'s images are {tuple(group.latents.shape[1:])}, the concept images "
+                                  f"{tuple(latents.shape[1:])}: give every image at the same resolution")
+        if group.flipped_latents is not None:
+            _check_latents(group.flipped_latents, f"{what}'s flipped latents")
+            if group.flipped_latents.shape != group.latents.shape:
+                raise ModAdapterError(f"{what}'s flipped latents have shape {tuple(group.flipped_latents.shape)}, "
+                                      f"its latents {tuple(group.latents.shape)}: give one flipped encoding per image")
+        if len(group.positions) != len(words):
+            raise ModAdapterError(f"{what} has {len(group.positions)} position lists for {len(words)} concept words")
+        checked.append(CaptionedImages(group.denoiser, _check_positions(group.positions, words), group.latents,
+                                       group.flipped_latents))
+    return checked
+
+
 def _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init) -> Tuple[List[str], List[List[int]]]:
     """learn_concepts' inputs, checked: (the words, named if not given; the positions)."""
     if not isinstance(denoiser, Denoiser):
@@ -442,8 +519,8 @@ def _isolation_loss(partner: IsolationPartner, generator: torch.Generator, confi
 
 def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: bool, clean: torch.Tensor,
                     flipped: Optional[torch.Tensor],
-                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's (x_σ, σ, target v): images drawn with replacement, σ from the stage's range, flips, noise (in
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's (x_σ, σ, target v, which images): images drawn with replacement, σ from the stage's range, flips, noise (in
     this order from ``generator``, so that a seed gives the same run on every device)."""
     batch = config.batch_size
     image_index, sigma = _draw_images_and_sigmas(generator, config, in_stage1, clean.shape[0])
@@ -455,7 +532,24 @@ def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: 
             x0[b] = flipped[i] if flipped is not None else clean[i].flip(-1)
     sigma = sigma.to(device)
     noisy, target = flow_matching_pair(x0, noise, sigma)
-    return noisy, sigma, target
+    return noisy, sigma, target, image_index
+
+
+def _denoising_loss(groups: Sequence[CaptionedImages], group_of_image: torch.Tensor, noisy: torch.Tensor,
+                    sigma: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor,
+                    deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The batch's mean squared error, each image denoised under its own group's caption."""
+    if len(groups) == 1:
+        main = groups[0]
+        return F.mse_loss(main.denoiser.velocity(noisy, sigma, deltas, main.positions).float(), target)
+    owners = group_of_image[image_index]
+    total = noisy.new_zeros((), dtype=torch.float32)
+    for g in owners.unique().tolist():
+        rows = (owners == g).nonzero().flatten().to(noisy.device)
+        group = groups[g]
+        prediction = group.denoiser.velocity(noisy[rows], sigma[rows], deltas, group.positions).float()
+        total = total + F.mse_loss(prediction, target[rows], reduction="sum")
+    return total / target.numel()
 
 
 def learn_concepts(
@@ -470,6 +564,7 @@ def learn_concepts(
     progress: Optional[Callable[[int, int, float], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     isolation: Sequence[IsolationPartner] = (),
+    more_images: Sequence[CaptionedImages] = (),
 ) -> LearnResult:
     """Learn one Δ table per concept word on the images ``latents`` (TokenVerse recipe).
 
@@ -492,6 +587,11 @@ def learn_concepts(
         of the steps, one of them (uniformly) is composed with a concept image
         (:class:`IsolationPartner`); no flips on those steps. Without partners
         the run draws exactly the random numbers it drew before they existed.
+        A partner is composed with a main concept image (``latents``): its
+        composed caption begins with their caption.
+    more_images: more images of the same concepts under captions of their own
+        (:class:`CaptionedImages`). A step draws its images uniformly from all
+        the images, main and more, and denoises each under its own caption.
 
     Raises :class:`LearningDivergedError` when the loss or the gradient is NaN
     or infinite (lower the learning rate), :class:`ModAdapterError` for
@@ -501,19 +601,29 @@ def learn_concepts(
     config.validate()
     words, positions = _check_learn_inputs(denoiser, latents, positions, words, flipped_latents, init)
     partners = _check_partners(isolation, latents, words)
+    groups = [CaptionedImages(denoiser, positions, latents, flipped_latents),
+              *_check_more_images(more_images, latents, words)]
     device = torch.device(denoiser.device)
     num_concepts = len(words)
     global_directions, block_offsets = _starting_directions(init, num_concepts, denoiser.layout, device)
 
     # Copies: a host may hand over inference-mode tensors (ComfyUI), which autograd must not see.
-    clean = latents.detach().to(device=device, dtype=torch.float32).clone()
-    lr, vec_rms = resolve_learning_rate(denoiser, clean, config)
+    def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.detach().to(device=device, dtype=torch.float32) for x in tensors]).clone()
+
+    clean = stacked([group.latents for group in groups])  # every image; the main ones first
+    main_clean = clean[:latents.shape[0]]
+    lr, vec_rms = resolve_learning_rate(denoiser, main_clean, config)
     if vec_rms is not None:
         logger.info("learn concept: learning rate %.4g = %g x rms(vec) %.4g of this model", lr, config.relative_lr,
                     vec_rms)
     optimizer = torch.optim.Adam([global_directions], lr=lr)
     clip_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm / (vec_rms or 1.0)
-    flipped = None if flipped_latents is None else flipped_latents.detach().to(device=device, dtype=torch.float32).clone()
+    flipped = None
+    if any(group.flipped_latents is not None for group in groups):
+        flipped = stacked([group.latents.flip(-1) if group.flipped_latents is None else group.flipped_latents
+                           for group in groups])
+    group_of_image = torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(groups)])
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
 
     result = LearnResult(deltas=[], words=words, lr=lr, vec_rms=vec_rms)
@@ -532,11 +642,11 @@ def learn_concepts(
             isolating = bool(partners) and float(torch.rand((), generator=generator)) < config.isolation_probability
             if isolating:
                 partner = partners[int(torch.randint(len(partners), (), generator=generator))]
-                loss = _isolation_loss(partner, generator, config, in_stage1, clean, deltas, device)
+                loss = _isolation_loss(partner, generator, config, in_stage1, main_clean, deltas, device)
             else:
-                noisy, sigma, target = _training_batch(generator, config, in_stage1, clean, flipped, device)
-                prediction = denoiser.velocity(noisy, sigma, deltas, positions)
-                loss = F.mse_loss(prediction.float(), target)
+                noisy, sigma, target, image_index = _training_batch(generator, config, in_stage1, clean, flipped,
+                                                                    device)
+                loss = _denoising_loss(groups, group_of_image, noisy, sigma, target, image_index, deltas)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise _diverged(step, config, lr, f"the loss is {loss_value}", "keep gradient clipping on, and ")

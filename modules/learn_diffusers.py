@@ -14,7 +14,7 @@ import copy
 import gc
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -79,7 +79,8 @@ class DiffusersDenoiser:
                                  self.pooled_prompt_embeds, self.guidance)
 
     def with_caption(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> "DiffusersDenoiser":
-        """The same model and concept host on another caption (an isolation partner's composed caption). It shares
+        """The same model and concept host on another caption (more images' own caption, or an isolation partner's
+        composed caption). It shares
         this denoiser's host: close this one, not the copy."""
         other = copy.copy(self)
         other.prompt_embeds = prompt_embeds.detach().to(self.device, self.dtype)
@@ -188,13 +189,11 @@ def resolve_device_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.d
     return resolved_device, resolve_dtype(dtype, resolved_device)
 
 
-def _check_request(words: Sequence[str], caption: str, max_sequence_length: int) -> List[str]:
-    """What a user can get wrong in the words, the caption and the text length; the words, stripped."""
+def _check_request(words: Sequence[str], max_sequence_length: int) -> List[str]:
+    """What a user can get wrong in the words and the text length; the words, stripped."""
     words = [w.strip() for w in words]
     if not words or not all(words):
         raise ModAdapterError("Give at least one concept word (--word), e.g. --word dog")
-    if not caption or not caption.strip():
-        raise ModAdapterError("Give the caption of the concept image(s) (--caption), containing every --word")
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not 16 <= max_sequence_length <= 512:
         raise ModAdapterError(f"max_sequence_length must be between 16 and 512 T5 tokens, got {max_sequence_length!r}")
     return words
@@ -205,20 +204,19 @@ class _EncodedRun:
     """What the learning run needs once the text encoders and the VAE are gone."""
 
     transformer: torch.nn.Module  # frozen, on the run's device
-    prompt_embeds: torch.Tensor  # T5 of the caption
-    pooled: torch.Tensor  # CLIP-L pooled of the caption
+    texts: List[Tuple[torch.Tensor, torch.Tensor]]  # per distinct caption: (T5, CLIP-L pooled)
     latents: torch.Tensor  # the concept images
     flipped_latents: torch.Tensor  # their mirror images
     partners: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # isolation: (T5, pooled, latents (1, C, H, W))
 
 
-def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.device, caption: str,
+def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.device, captions: Sequence[str],
                                      max_sequence_length: int, pixels: torch.Tensor, gradient_checkpointing: bool,
                                      partners: Sequence[Tuple[str, torch.Tensor]] = ()) -> _EncodedRun:
-    """Encode the caption and the images (and their mirror images) once, and each isolation partner's composed
+    """Encode the captions and the images (and their mirror images) once, and each isolation partner's composed
     caption and image, then free the text encoders and the VAE."""
     pipe = load_flux_pipeline(source, dtype)
-    prompt_embeds, pooled = encode_caption(pipe, caption, device, max_sequence_length)
+    texts = [encode_caption(pipe, text, device, max_sequence_length) for text in captions]
     pipe.vae.to(device)
     latents = vae_encode(pipe.vae, pixels, device, one_at_a_time=True).cpu()
     flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), device, one_at_a_time=True).cpu()
@@ -234,19 +232,22 @@ def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.d
     transformer.requires_grad_(False)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return _EncodedRun(transformer, prompt_embeds, pooled, latents, flipped_latents, encoded_partners)
+    return _EncodedRun(transformer, texts, latents, flipped_latents, encoded_partners)
 
 
-def _learned_source(result, config, images, caption, words, resolution, flux, isolation, eval_loss,
+def _learned_source(result, config, images, captions, words, resolution, flux, isolation, eval_loss,
                     eval_without) -> dict:
-    """The concept file's ``source``: how it was learned, from what."""
+    """The concept file's ``source``: how it was learned, from what (``caption``: the first image's; ``captions``,
+    one per image, when they differ)."""
     source = {
         "kind": "learned", "method": "tokenverse", "steps": result.steps_done,
         "stage1_steps": min(config.stage1_steps, result.steps_done), "images": len(images),
-        "image_files": [os.path.basename(p) for p in images], "caption": caption, "words": words,
+        "image_files": [os.path.basename(p) for p in images], "caption": captions[0], "words": words,
         **result.rate_record(config), "batch_size": config.batch_size, "seed": config.seed, "resolution": resolution,
         "flux": os.path.basename(os.path.normpath(flux)),
     }
+    if len(set(captions)) > 1:
+        source["captions"] = list(captions)
     if isolation:
         source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
                       isolation_captions=[text for _, text in isolation],
@@ -259,7 +260,7 @@ def _learned_source(result, config, images, caption, words, resolution, flux, is
 def learn_concept_files(
     flux: str,
     images: Sequence[str],
-    caption: str,
+    caption: Union[str, Sequence[str]],
     words: Sequence[str],
     out: str,
     *,
@@ -283,17 +284,30 @@ def learn_concept_files(
     Everything a user can get wrong (paths, words, resolution, output files)
     is checked before the models are loaded. Files are written only after the
     whole run succeeded: a stop request or a diverging loss writes nothing.
+    caption: one caption for every image, or one per image (the same concepts seen in other settings: each
+    image is denoised under its own caption, :class:`~.learn_concept.CaptionedImages`). Every caption must
+    contain every word.
     isolation: (image file, its caption) pairs for TokenVerse's concept-isolation loss
-    (:class:`~.learn_concept.IsolationPartner`).
+    (:class:`~.learn_concept.IsolationPartner`); they are composed with the images of the first image's caption.
     """
     from .concept import Concept
     from .concept_file import save_concept
-    from .learn_concept import IsolationPartner, LearnConfig, composed_caption, evaluate_loss, learn_concepts
+    from .learn_concept import (
+        CaptionedImages,
+        IsolationPartner,
+        LearnConfig,
+        captions_per_image,
+        composed_caption,
+        evaluate_loss,
+        group_by_caption,
+        learn_concepts,
+    )
     from .token_positions import TextSequenceLayout, find_concept_positions
 
     config = config or LearnConfig()
     config.validate()
-    words = _check_request(words, caption, max_sequence_length)
+    words = _check_request(words, max_sequence_length)
+    captions = captions_per_image(caption, len(images))
     paths = plan_output_paths(out, words, overwrite=overwrite)
     run_device, run_dtype = resolve_device_dtype(device, dtype)
     source = resolve_flux_source(flux, components)
@@ -304,17 +318,25 @@ def learn_concept_files(
     # FluxPipeline pads and truncates T5 to max_sequence_length: the layout says so.
     layout = TextSequenceLayout.from_hf_tokenizer(load_t5_tokenizer(source), "t5", min_length=max_sequence_length,
                                                   max_length=max_sequence_length)
-    positions = find_concept_positions(layout, caption, words)
-    for word, pos in zip(words, positions):
-        log(f"word {word!r}: T5 tokens {pos}")
+    groups = group_by_caption(captions)  # caption -> its images; the first image's caption is the main one
+    positions_of = {text: find_concept_positions(layout, text, words) for text in groups}
+    main_caption = captions[0]
+    positions = positions_of[main_caption]
+    for text, text_positions in positions_of.items():
+        where = f" in {text!r}" if len(groups) > 1 else ""
+        for word, pos in zip(words, text_positions):
+            log(f"word {word!r}{where}: T5 tokens {pos}")
     partner_pixels = load_concept_images([image for image, _ in isolation], resolution)[0] if isolation else []
-    partners = [(composed_caption(layout, caption, text), image)
+    partners = [(composed_caption(layout, main_caption, text), image)
                 for (_, text), image in zip(isolation, partner_pixels)]
 
     log(f"loading FLUX.1 from {source.transformer_file or source.components} ({run_dtype}, {run_device})")
-    run = _encode_and_keep_the_transformer(source, run_dtype, run_device, caption, max_sequence_length, pixels,
+    run = _encode_and_keep_the_transformer(source, run_dtype, run_device, list(groups), max_sequence_length, pixels,
                                            gradient_checkpointing, partners)
-    latents = run.latents
+    # Per caption: (T5, pooled, positions, its images' latents, their mirror images').
+    grouped = [(*run.texts[g], positions_of[text], run.latents[indices], run.flipped_latents[indices])
+               for g, (text, indices) in enumerate(groups.items())]
+    embeds, pooled, _, latents, flipped_latents = grouped[0]
 
     bar = None
     if show_progress:
@@ -329,18 +351,23 @@ def learn_concept_files(
 
     eval_loss = eval_without = None
     try:
-        with DiffusersDenoiser(run.transformer, run.prompt_embeds, run.pooled, guidance=guidance,
+        with DiffusersDenoiser(run.transformer, embeds, pooled, guidance=guidance,
                                device=run_device) as denoiser:
-            isolation_partners = [IsolationPartner(denoiser.with_caption(embeds, pooled), positions, image)
-                                  for embeds, pooled, image in run.partners]
+            isolation_partners = [IsolationPartner(denoiser.with_caption(partner_embeds, partner_pooled), positions,
+                                                   image)
+                                  for partner_embeds, partner_pooled, image in run.partners]
+            more_images = [CaptionedImages(denoiser.with_caption(e, p), pos, lat, flip)
+                           for e, p, pos, lat, flip in grouped[1:]]
             result = learn_concepts(denoiser, latents, positions, config, words=words,
-                                    flipped_latents=run.flipped_latents, progress=progress, should_stop=should_stop,
-                                    isolation=isolation_partners)
+                                    flipped_latents=flipped_latents, progress=progress, should_stop=should_stop,
+                                    isolation=isolation_partners, more_images=more_images)
             if not result.stopped and eval_draws > 0:
-                eval_loss = evaluate_loss(denoiser, latents, result.deltas, positions, seed=config.seed,
-                                          num_draws=eval_draws)
-                eval_without = evaluate_loss(denoiser, latents, None, positions, seed=config.seed,
-                                             num_draws=eval_draws)
+                # The mean over every image, each under its own caption.
+                views = [(denoiser, latents, positions)] + [(m.denoiser, m.latents, m.positions) for m in more_images]
+                eval_loss = sum(evaluate_loss(d, x, result.deltas, pos, seed=config.seed, num_draws=eval_draws)
+                                * x.shape[0] for d, x, pos in views) / len(images)
+                eval_without = sum(evaluate_loss(d, x, None, pos, seed=config.seed, num_draws=eval_draws)
+                                   * x.shape[0] for d, x, pos in views) / len(images)
             num_double_blocks = denoiser.layout.num_double_blocks
     finally:
         if bar is not None:
@@ -356,7 +383,7 @@ def learn_concept_files(
         log(f"held-out denoising loss ({eval_draws} draws): {eval_loss:.5f} with the learned concepts, "
             f"{eval_without:.5f} without ({change:+.1f}%)")
 
-    learned_source = _learned_source(result, config, images, caption, words, resolution, flux, isolation,
+    learned_source = _learned_source(result, config, images, captions, words, resolution, flux, isolation,
                                      eval_loss, eval_without)
     concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]
     for path, concept in zip(paths, concepts):

@@ -15,7 +15,16 @@ from ..modules.concept_images import check_image_batch
 from ..modules.concept_set import ConceptList, comma_separated_words, resolve_concepts
 from ..modules.curve_plot import loss_panel, render_panels
 from ..modules.errors import ModAdapterError
-from ..modules.learn_concept import RELATIVE_LR, IsolationPartner, LearnConfig, composed_caption, learn_concepts
+from ..modules.learn_concept import (
+    RELATIVE_LR,
+    CaptionedImages,
+    IsolationPartner,
+    LearnConfig,
+    caption_lines,
+    composed_caption,
+    group_by_caption,
+    learn_concepts,
+)
 from ..modules.learn_memory import check_learn_fits, estimate_learn_peak
 from ..modules.token_positions import find_concept_positions
 from .model_folders import CONCEPT_FOLDER, default_folder
@@ -128,16 +137,38 @@ def loss_curve_image(losses, stage1_steps: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
+def encode_caption(clip, text: str):
+    """(T5 context, CLIP-L pooled) of one caption, as FLUX's conditioning carries them."""
+    with torch.no_grad():
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return conditioning[0][0].clone(), conditioning[0][1]["pooled_output"]
+
+
+def images_under_other_captions(denoiser, clip, captions, words, latents, flipped):
+    """The batch's images whose caption line is not the first image's, one group per caption
+    (:class:`CaptionedImages`), each under its own caption."""
+    layout = clip_t5_layout(clip)
+    groups = []
+    for text, indices in list(group_by_caption(captions).items())[1:]:
+        positions = find_concept_positions(layout, text, words)
+        groups.append(CaptionedImages(denoiser.with_caption(*encode_caption(clip, text)), positions,
+                                      latents[indices], flipped[indices]))
+    return groups
+
+
 def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
                   resolution=512, stage1_t_min=0.8, stage2_t_max=0.8, guidance=3.5, gradient_checkpointing=True,
                   init_concepts=None, save=False, filename_prefix="learned", flip_images=True, isolation_images=None,
                   isolation_captions="", offload_weights=False):
     words = parse_words(words)
-    positions = find_concept_positions(clip_t5_layout(clip), caption, words)
-    with torch.no_grad():
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-    context, extras = conditioning[0][0].clone(), conditioning[0][1]
-    denoiser = ComfyFluxDenoiser(model, context, extras["pooled_output"], guidance,
+    image = check_image_batch(image)
+    captions = caption_lines(caption, image.shape[0])  # one per image
+    caption = captions[0]  # the first image's: the main caption, which isolation partners extend
+    layout = clip_t5_layout(clip)
+    positions = find_concept_positions(layout, caption, words)
+    for text in set(captions) - {caption}:  # every caption is checked before anything is encoded or learned
+        find_concept_positions(layout, text, words)
+    denoiser = ComfyFluxDenoiser(model, *encode_caption(clip, caption), guidance,
                                  gradient_checkpointing=gradient_checkpointing)
     refuse_runs_that_cannot_fit(denoiser.layout, model.model.get_dtype(), denoiser.compute_dtype, denoiser.device,
                                 mm.get_total_memory(denoiser.device), resolution, gradient_checkpointing,
@@ -149,6 +180,9 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         init = [by_word[w.lower()].delta * by_word[w.lower()].strength if w.lower() in by_word else None for w in words]
 
     latents, flipped = images_to_latents(vae, model, image, resolution)
+    more_images = images_under_other_captions(denoiser, clip, captions, words, latents.to(denoiser.device),
+                                              flipped.to(denoiser.device))
+    main = group_by_caption(captions)[caption]
     # 0 asks for the learning-rate rule: RELATIVE_LR × this model's rms(vec), measured when the run starts.
     config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate or None, seed=seed,
                          stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max),
@@ -161,10 +195,10 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
     progress = comfy.utils.ProgressBar(steps)
     with comfy_training_mode():
         result = learn_concepts(
-            denoiser, latents.to(denoiser.device), positions, config, words=words,
-            flipped_latents=flipped.to(denoiser.device), init=init,
+            denoiser, latents[main].to(denoiser.device), positions, config, words=words,
+            flipped_latents=flipped[main].to(denoiser.device), init=init,
             progress=lambda step, total, loss: progress.update_absolute(step, total),
-            should_stop=mm.processing_interrupted, isolation=partners,
+            should_stop=mm.processing_interrupted, isolation=partners, more_images=more_images,
         )
     if result.stopped:
         mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt: nothing is returned or saved
@@ -172,6 +206,8 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
 
     source = {"kind": "learned", "method": "tokenverse", "steps": result.steps_done,
               "images": int(image.shape[0]), "caption": caption, **result.rate_record(config)}
+    if more_images:
+        source["captions"] = captions
     if partners:
         source.update(isolation_captions=partner_captions, isolation_probability=config.isolation_probability)
     concepts = [Concept(word=w, delta=d, strength=1.0, source=source, num_double_blocks=_double_blocks(model))
@@ -202,7 +238,9 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="FLUX's VAE, to encode the images."),
                 io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same concepts."),
                 io.String.Input("caption", multiline=True, default="a photo of a dog on a beach",
-                                tooltip="A caption of the image that contains every concept word."),
+                                tooltip="A caption of the image that contains every concept word. For a batch of "
+                                        "views in different settings, one line per image in the batch's order "
+                                        "(each image is learned under its own line; every line names every word)."),
                 io.String.Input("words", default="dog", tooltip="Concept words to learn, comma-separated. Several "
                                 "words from one image decompose it (e.g. 'dog, beach')."),
                 io.Int.Input("steps", default=1400, min=1, max=20000, tooltip="Total optimisation steps (paper: 1400)."),

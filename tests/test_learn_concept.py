@@ -18,6 +18,7 @@ from mod_adapter.modules.errors import ModAdapterError
 from mod_adapter.modules.learn_concept import (
     RELATIVE_LR,
     SCALE_SIGMAS,
+    CaptionedImages,
     Denoiser,
     IsolationPartner,
     LearnConfig,
@@ -509,6 +510,38 @@ def test_cli_refuses_an_isolation_caption_the_model_cannot_read_before_loading_f
     assert "is longer than the 31 text tokens" in captured.err and "loading FLUX.1" not in captured.out
 
 
+def test_cli_learns_from_images_with_a_caption_each(tiny_pipeline_dir, concept_images, tmp_path, capsys,
+                                                   monkeypatch):
+    captions_seen = set()
+    original = DiffusersDenoiser.velocity
+    monkeypatch.setattr(DiffusersDenoiser, "velocity",
+                        lambda self, *a: captions_seen.add(self.prompt_embeds.data_ptr()) or original(self, *a))
+    args = _learn_args(tiny_pipeline_dir, concept_images, tmp_path / "out", "--steps", "12")
+    at = args.index("--caption")
+    args[at + 1:at + 2] = ["a red dog on a sandy beach", "a sleeping dog on a beach at night"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "word 'dog' in 'a sleeping dog on a beach at night': T5 tokens" in printed
+    source = load_concept(tmp_path / "out" / "dog.safetensors").source
+    assert source["caption"] == "a red dog on a sandy beach"
+    assert source["captions"] == ["a red dog on a sandy beach", "a sleeping dog on a beach at night"]
+    assert len(captions_seen) == 2  # each image was denoised under its own caption
+
+
+@pytest.mark.parametrize("captions, message", [
+    (["a red dog on a sandy beach", "a dog", "a beach"], "3 captions for 2 images"),
+    (["a red dog on a sandy beach", "a dog in a room"], "'beach'"),
+])
+def test_cli_refuses_captions_that_do_not_fit_the_images_before_loading_flux(
+        tiny_pipeline_dir, concept_images, tmp_path, capsys, captions, message):
+    args = _learn_args(tiny_pipeline_dir, concept_images, tmp_path / "out")
+    at = args.index("--caption")
+    args[at + 1:at + 2] = captions
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert message in captured.err and "loading FLUX.1" not in captured.out
+
+
 def test_cli_help_states_the_rules_default():
     help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["learn"].format_help().split())
     assert f"default {RELATIVE_LR:g}, measured on the toy world" in help_text
@@ -601,6 +634,63 @@ def test_the_rule_reads_the_model_and_records_the_rate(denoiser, latents):
     vec = denoiser.modulation_vector(latents.expand(SCALE_SIGMAS, -1, -1, -1), sigma)
     assert scale == pytest.approx(float(vec.pow(2).mean(dim=-1).sqrt().mean()))
     assert not vec.requires_grad
+
+
+# --------------------------------------------------------------------------
+# Images of the same concepts under captions of their own
+# --------------------------------------------------------------------------
+
+
+def test_more_images_under_the_same_caption_are_one_run_over_all_the_images(denoiser, latents):
+    more = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(21))
+    config = LearnConfig(steps=8, stage1_steps=4, lr=0.3, seed=3, batch_size=3, log_every=0)
+    together = learn_concepts(denoiser, torch.cat([latents, more]), POSITIONS, config)
+    grouped = learn_concepts(denoiser, latents, POSITIONS, config,
+                             more_images=[CaptionedImages(denoiser, POSITIONS, more)])
+    # The same draws; only the forward passes split the batch differently (float sums in another order).
+    torch.testing.assert_close(grouped.deltas[0], together.deltas[0], rtol=1e-3, atol=1e-4)
+    assert grouped.losses == pytest.approx(together.losses, rel=1e-4)
+
+
+class RecordingHost(FakeHost):
+    """Records, per call, its caption's name, the token positions and the sign of each image of the batch."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def velocity(self, noisy, sigma, deltas, positions):
+        self.calls.append((self.name, [list(p) for p in positions], noisy.mean(dim=(1, 2, 3)).sign().tolist()))
+        return noisy + deltas[0].mean() * 0 if deltas else noisy
+
+
+def test_each_image_is_denoised_under_its_own_caption():
+    calls = []
+    main, night = RecordingHost("main", calls), RecordingHost("night", calls)
+    bright = torch.full((1, 16, 8, 8), 100.0)  # main caption's image: positive; the other caption's: negative
+    dark = torch.full((3, 16, 8, 8), -100.0)
+    # σ ≤ 0.5, so each noisy image keeps its clean image's sign
+    config = LearnConfig(steps=200, stage1_steps=100, lr=0.1, seed=4, batch_size=2, log_every=0,
+                         stage1_sigma_range=(0.01, 0.5), stage2_sigma_range=(0.01, 0.5), range_probability=1.0)
+    learn_concepts(main, bright, [[3, 4]], config, more_images=[CaptionedImages(night, [[7]], dark)])
+    by_caption = {"main": [], "night": []}
+    for name, positions, signs in calls:  # an explicit lr: every call is a training step's
+        by_caption[name].append((positions, signs))
+    assert all(p == [[3, 4]] and set(s) == {1.0} for p, s in by_caption["main"])
+    assert all(p == [[7]] and set(s) == {-1.0} for p, s in by_caption["night"])
+    drawn = {name: sum(len(s) for _, s in records) for name, records in by_caption.items()}
+    assert drawn["main"] + drawn["night"] == 2 * 200  # every drawn image, once
+    assert 0.15 < drawn["main"] / 400 < 0.35  # drawn uniformly over the 4 images: 1 in 4 under the main caption
+
+
+def test_more_images_are_checked(denoiser, latents):
+    good = CaptionedImages(denoiser, POSITIONS, latents)
+    for bad, message in ((CaptionedImages(denoiser, POSITIONS, torch.zeros(1, 16, 4, 4)), "same resolution"),
+                         (CaptionedImages(denoiser, [[3], [4]], latents), "position lists"),
+                         (CaptionedImages(denoiser, [[]], latents), "no token positions"),
+                         (CaptionedImages(denoiser, POSITIONS, latents, torch.zeros(2, 16, 8, 8)), "flipped"),
+                         (CaptionedImages(denoiser, POSITIONS, latents * float("nan")), "finite")):
+        with pytest.raises(ModAdapterError, match=message):
+            learn_concepts(denoiser, latents, POSITIONS, FAST, more_images=[good, bad])
 
 
 # --------------------------------------------------------------------------

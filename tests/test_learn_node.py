@@ -273,6 +273,42 @@ def test_isolation_images_are_learned_beside_the_concept_image(env, monkeypatch)
         run("a\nb\nc")
 
 
+def test_a_batch_of_views_is_learned_each_under_its_own_caption_line(env, monkeypatch):
+    from mod_adapter.modules.comfy_learn_host import ComfyFluxDenoiser
+    from mod_adapter.modules.errors import ModAdapterError
+
+    calls = []  # per velocity call: which caption (its T5 context) and how many images
+    original = ComfyFluxDenoiser.velocity
+
+    def recording(self, noisy, *a):
+        calls.append((self.context.data_ptr(), noisy.shape[0]))
+        return original(self, noisy, *a)
+
+    monkeypatch.setattr(ComfyFluxDenoiser, "velocity", recording)
+    views = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(7))
+
+    def run(caption, steps=12):
+        with torch.inference_mode():
+            return env["nodes"].ModAdapterLearnConcept.execute(
+                env["model"], env["clip"], env["vae"], views, caption, "dog", steps, steps // 2, 5e-2, 0, 64,
+                0.8, 0.8, False, False, "learned", flip_images=False).result
+
+    concepts, _ = run("a photo of a dog on a beach\na dog asleep in a room\na photo of a dog on a beach")
+    source = concepts.items[0].source
+    assert source["caption"] == "a photo of a dog on a beach" and source["images"] == 3
+    assert source["captions"] == ["a photo of a dog on a beach", "a dog asleep in a room",
+                                  "a photo of a dog on a beach"]
+    assert len({caption for caption, _ in calls}) == 2  # two distinct captions, each with its own conditioning
+    assert concepts.items[0].delta.abs().max() > 0
+    calls.clear()
+    one, _ = run("a photo of a dog", steps=4)  # one line: the caption of every image, as before
+    assert "captions" not in one.items[0].source and len({caption for caption, _ in calls}) == 1
+    with pytest.raises(ModAdapterError, match="2 lines for 3 image"):
+        run("a dog\na dog on a beach")
+    with pytest.raises(ConceptWordNotFoundError):
+        run("a dog\na cat\na dog")
+
+
 @pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "float8_e5m2"])
 def test_learns_on_fp8_weights_as_on_the_same_weights_in_float32(env, weight_dtype):
     """Load Diffusion Model's weight_dtype fp8: weights stored in fp8 and cast per layer (ComfyUI's manual cast)."""

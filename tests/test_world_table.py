@@ -265,6 +265,45 @@ def test_eval_learn_passes_its_stage_split_to_the_learner(untrained, tmp_path):
             assert json.loads(learned.metadata()["source"])["caption"] == caption  # learned together
 
 
+def test_eval_learn_learns_each_concept_from_several_views_each_with_its_caption(untrained, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from mod_adapter.modules.world.evaluation import more_views
+    from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
+
+    world, _ = untrained
+    args = ["world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "1",
+            "--learn-steps", "2", "--steps", "1"]
+    one = mod_adapter_cli(*args, "--work-dir", str(tmp_path / "one"))
+    three = mod_adapter_cli(*args, "--learn-views", "3", "--work-dir", str(tmp_path / "three"))
+    assert one.returncode == 0 and three.returncode == 0, (one.stderr + three.stderr)[-3000:]
+    assert json.loads(three.stdout)["learn_views"] == 3
+    with safe_open(str(tmp_path / "three" / "surface" / "surface-000.safetensors"), "pt") as learned:
+        source = json.loads(learned.metadata()["source"])
+    with safe_open(str(tmp_path / "one" / "surface" / "surface-000.safetensors"), "pt") as learned:
+        one_source = json.loads(learned.metadata()["source"])
+    assert source["images"] == 3 and source["image_files"] == [
+        "surface-000.png", "surface-000-view1.png", "surface-000-view2.png"]
+    # the concept image and its caption are the one-view run's; the other views have captions of their own
+    assert source["caption"] == one_source["caption"] and len(set(source["captions"])) == 3
+    assert ((tmp_path / "three" / "surface" / "surface-000.png").read_bytes()
+            == (tmp_path / "one" / "surface" / "surface-000.png").read_bytes())
+    # every view shares the concept's values and only those are fixed
+    import numpy as np
+
+    from mod_adapter.modules.world.split import EVAL, random_scene
+
+    scene = random_scene(np.random.default_rng(0), EVAL)
+    views = more_views(scene, "surface", 20, np.random.default_rng(1))
+    assert all(v.colour == scene.colour and v.pattern == scene.pattern for v in views)
+    assert len({(v.shape, v.position, v.direction) for v in views}) > 5
+    assert CONCEPT_ATTRIBUTES["surface"] == ("colour", "pattern")
+    bad = mod_adapter_cli(*args, "--learn-views", "2", "--learn-every-word", "--work-dir", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "--learn-views 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_caption_words_are_the_distinct_words_with_the_concept_word_first():
     from mod_adapter.modules.world.evaluation import caption_words
 

@@ -168,7 +168,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                                   prompts_per_concept=args.prompts, steps=args.learn_steps, lr=learn_lr,
                                   batch_size=learn_batch_size, stage1_steps=args.learn_stage1_steps,
                                   scale=args.scale, reuse_learned=args.reuse_learned, settings=learn_settings,
-                                  every_word=args.learn_every_word,
+                                  every_word=args.learn_every_word, views=args.learn_views,
                                   seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
@@ -177,6 +177,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                       "learn_steps": args.learn_steps, "learn_lr": learn_lr if learn_lr is not None else "rule",
                       "learn_batch_size": learn_batch_size, "learn_stage1_steps": "4/7" if args.learn_stage1_steps is None else args.learn_stage1_steps,
                       "learn_config": learn_settings, "learn_every_word": args.learn_every_word,
+                      "learn_views": args.learn_views,
                       "scale": args.scale, "reused": args.reuse_learned,
                       "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
@@ -387,6 +388,9 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--learn-every-word", action="store_true",
                             help="learn a Δ for every word of the learning caption at once (TokenVerse's "
                                  "decomposition) and score the concept word's; default: the concept word only")
+    eval_learn.add_argument("--learn-views", type=int, default=1,
+                            help="images per concept to learn from: the concept image and N-1 more scenes with its "
+                                 "values, the other groups drawn anew, each under its own caption (default 1)")
     eval_learn.add_argument("--reuse-learned", action="store_true",
                             help="score concept files already in --work-dir instead of learning them again")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import ModAdapterError
 from ..learn_concept import LearnConfig
 from ..token_modulation import TokenConcept
 from .captions import full_caption
@@ -151,6 +152,12 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
             return candidate
 
 
+def more_views(scene: Scene, kind: str, count: int, rng: np.random.Generator) -> List[Scene]:
+    """``count`` held-out scenes with ``scene``'s values of ``kind``'s attributes, every other attribute drawn anew."""
+    fixed = {name: getattr(scene, name) for name in CONCEPT_ATTRIBUTES[kind]}
+    return [random_scene(rng, EVAL, **fixed) for _ in range(count)]
+
+
 def caption_words(caption: str, first: str) -> List[str]:
     """The distinct words of ``caption`` in order, ``first`` moved to the front (it must be one of them)."""
     words = list(dict.fromkeys(re.findall(r"[a-z]+", caption.lower())))
@@ -164,7 +171,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                      lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
                      stage1_steps: Optional[int] = None, scale: float = 1.0, reuse_learned: bool = False,
                      settings: Optional[Dict[str, object]] = None, every_word: bool = False,
-                     log=print) -> ConceptScores:
+                     views: int = 1, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
 
     stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
@@ -174,6 +181,10 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
     settings: other LearnConfig fields, e.g. ``{"stage2_sigma_range": (0.0, 1.0)}``.
     every_word: learn a Δ for every word of the learning caption at once (TokenVerse's decomposition: each text
         token gets its own direction), and score only the concept word's; otherwise only the concept word is learned.
+    views: images of each concept to learn from: the concept image, and ``views - 1`` more scenes with the
+        concept's values and the other groups drawn anew, each under its own caption (what only the concept
+        shares across them is what the word has to carry). The concept images and prompts are drawn as with
+        one view, so the scores compare concept by concept.
     """
     from ..concept_file import load_concept
     from ..learn_diffusers import learn_concept_files
@@ -182,18 +193,27 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
 
     if kind not in ABSTRACT_KINDS:
         raise ValueError(f"kind must be one of {ABSTRACT_KINDS}, got {kind!r}")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ModAdapterError(f"--learn-views must be 1 or more images per concept, got {views!r}")
+    if every_word and views > 1:
+        raise ModAdapterError("--learn-every-word learns the words of one caption; give it --learn-views 1")
     rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
     scores = ConceptScores(kind)
     os.makedirs(work_dir, exist_ok=True)
     for c in range(concepts):
         concept_scene = random_scene(rng, EVAL)
-        image_path = os.path.join(work_dir, f"{kind}-{c:03d}.png")
-        Image.fromarray(render(concept_scene)).save(image_path)
+        view_scenes = [concept_scene] + more_views(concept_scene, kind, views - 1,
+                                                   np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 1]))
+        image_paths = [os.path.join(work_dir, f"{kind}-{c:03d}.png")] + [
+            os.path.join(work_dir, f"{kind}-{c:03d}-view{v}.png") for v in range(1, views)]
+        for scene, path in zip(view_scenes, image_paths):
+            Image.fromarray(render(scene)).save(path)
         config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7) if stage1_steps is None else stage1_steps,
                              lr=lr, batch_size=batch_size, seed=seed + c,
                              flip_probability=0.0, log_every=0)
         config = dataclasses.replace(config, **(settings or {}))
         learning_caption = concept_caption(concept_scene, kind)
+        learning_captions = [concept_caption(scene, kind) for scene in view_scenes]
         if every_word:  # one file per word in a folder of its own; the concept word's is scored
             words = caption_words(learning_caption, first=kind)
             out = os.path.join(work_dir, f"{kind}-{c:03d}-every-word")
@@ -204,7 +224,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         learn_now = not (reuse_learned and os.path.exists(concept_path))
         if learn_now:
             started = time.perf_counter()
-            learn_concept_files(flux_folder, [image_path], learning_caption, words,
+            learn_concept_files(flux_folder, image_paths, learning_captions, words,
                                 out, config=config, resolution=64, device="cpu", dtype="fp32",
                                 gradient_checkpointing=False, max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0,
                                 overwrite=True, show_progress=False, log=lambda message: None)
