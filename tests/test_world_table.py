@@ -114,8 +114,10 @@ def untrained(tmp_path_factory):
     return world, checkpoint
 
 
-def test_every_row_runs_on_an_untrained_world(untrained):
+def test_every_row_runs_on_an_untrained_world(untrained, monkeypatch):
     import torch
+
+    from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
 
     from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
     from mod_adapter.modules.world import methods
@@ -134,8 +136,13 @@ def test_every_row_runs_on_an_untrained_world(untrained):
         "description": methods.description_only(models), "adapter": methods.adapter_method(models, checkpoint),
         "global": methods.adapter_method(models, checkpoint, everywhere=True),
         "learn": methods.learn_concept_method(models, steps=2),
+        "learn-isolated": methods.learn_concept_method(models, steps=6, isolation_partners=2),
         "hybrid": methods.learn_concept_method(models, steps=2, init_checkpoint=checkpoint),
     }
+    widths = []  # the learning loop's image widths: a composed concept + partner image is twice as wide
+    original = DiffusersDenoiser.velocity
+    monkeypatch.setattr(DiffusersDenoiser, "velocity",
+                        lambda self, noisy, *a: widths.append(noisy.shape[-1]) or original(self, noisy, *a))
     prompts = {}
     for name, method in rows.items():
         prompt, concepts = method(cases[0])
@@ -145,6 +152,15 @@ def test_every_row_runs_on_an_untrained_world(untrained):
             assert concept.delta.shape == (9, 128) and torch.isfinite(concept.delta).all()
         assert len(evaluate(name, method, cases, pipe, judge, steps=2, cfg=4.0).scores) == 1
     assert prompts["oracle"] != prompts["bare"] == prompts["adapter"]
+    assert 16 in widths and 8 in widths  # only learn-isolated composes (its seed draws isolation in 6 steps)
+    assert methods.row_method(models, "learn-isolated", "", learn_steps=1, hybrid_steps=1, lr=None,
+                              seed=0).__qualname__.startswith("learn_concept_method")
+    # partners: the same for the same concept image, never its object
+    concept = cases[0].concepts[0]
+    partners = methods.isolation_scenes(concept, 6, seed=0)
+    assert partners == methods.isolation_scenes(concept, 6, seed=0) and len(set(partners)) == 6
+    assert all(p.shape != concept.shape and p.colour != concept.colour and p.pattern != concept.pattern
+               for p in partners)
     _, local = rows["adapter"](cases[0])
     _, everywhere = rows["global"](cases[0])
     assert len(everywhere[0].positions) == 48 > len(local[0].positions)

@@ -408,7 +408,9 @@ def add_world_commands(sub) -> None:
                                               "CP·PF / copy-paste with 95% bootstrap intervals")
     _add_world_sampling_arguments(table)
     table.add_argument("--rows", nargs="+", required=True,
-                       help="oracle, bare, description, adapter=FILE, global=FILE, learn, hybrid=FILE; a label after "
+                       help="oracle, bare, description, adapter=FILE, global=FILE, learn, learn-isolated (Learn "
+                            "Concept with TokenVerse's isolation loss, 4 partner scenes per concept image), "
+                            "hybrid=FILE; a label after "
                             "a colon names a variant, e.g. adapter:no-moe=FILE")
     table.add_argument("--sets", nargs="+", default=["single", "multi2", "multi3", "multi4"],
                        choices=["single", "multi2", "multi3", "multi4"], help="test sets (default all)")

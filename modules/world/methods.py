@@ -12,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import ModAdapterError
 from ..token_modulation import TokenConcept
 from .evaluation import word_positions
+from .captions import describe
 from .pairs import concept_caption
 from .scene import Scene, render
+from .split import EVAL, random_scene
 from .table import Case, all_text_positions, description
 from .transformer import MAX_SEQUENCE_LENGTH
 
@@ -113,17 +116,47 @@ def adapter_method(models: WorldModels, checkpoint: str, *, everywhere: bool = F
     return method
 
 
-class ConceptLearner:
-    """Learn Concept (TokenVerse mode) on one concept image, in process, with the pack's learning loop."""
+# TokenVerse's concept isolation on the world: partner scenes per concept image, each captioned by its object only
+# ("a red dots cube"), so that the composed caption fits the 48 T5 tokens the world reads.
+ISOLATION_PARTNERS = 4
 
-    def __init__(self, models: WorldModels, *, steps: int, lr: Optional[float] = None, seed: int = 0):
+
+def scene_latents(pipe, scene: Scene) -> torch.Tensor:
+    """(1, C, h, w) VAE latents of a rendered scene, as Learn Concept encodes a concept image."""
+    from ..flux_diffusers import vae_encode
+
+    pixels = torch.from_numpy(render(scene)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
+    return vae_encode(pipe.vae, pixels)
+
+
+def isolation_scenes(concept: Scene, count: int, seed: int) -> List[Scene]:
+    """``count`` held-out scenes whose object (shape, colour, pattern) differs from the concept image's, drawn from
+    the concept image's own seed: the same partners for the same concept image in every row and run."""
+    rng = np.random.default_rng([seed, concept.seed])
+    partners = []
+    while len(partners) < count:
+        scene = random_scene(rng, EVAL)
+        if all(getattr(scene, name) != getattr(concept, name) for name in ("shape", "colour", "pattern")):
+            partners.append(scene)
+    return partners
+
+
+class ConceptLearner:
+    """Learn Concept (TokenVerse mode) on one concept image, in process, with the pack's learning loop.
+
+    isolation_partners: that many :func:`isolation_scenes` become TokenVerse's isolation partners (0: none)."""
+
+    def __init__(self, models: WorldModels, *, steps: int, lr: Optional[float] = None, seed: int = 0,
+                 isolation_partners: int = 0):
         self.models, self.steps, self.lr, self.seed = models, steps, lr, seed
+        self.isolation_partners = isolation_partners
         self.cache: Dict[Tuple[Scene, str, int], torch.Tensor] = {}
 
     def learn(self, concept: Scene, kind: str, word: str, init: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from ..flux_diffusers import encode_caption, vae_encode
-        from ..learn_concept import LearnConfig, learn_concepts
+        from ..flux_diffusers import encode_caption
+        from ..learn_concept import IsolationPartner, LearnConfig, composed_caption, learn_concepts
         from ..learn_diffusers import DiffusersDenoiser
+        from ..token_positions import TextSequenceLayout
 
         key = (concept, kind, 0 if init is None else 1)
         if key not in self.cache:
@@ -131,24 +164,32 @@ class ConceptLearner:
             caption_text = concept_caption(concept, kind)
             positions = [self.models.positions(caption_text, word)]
             prompt_embeds, pooled = encode_caption(pipe, caption_text, "cpu", MAX_SEQUENCE_LENGTH)
-            pixels = torch.from_numpy(render(concept)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
-            latents = vae_encode(pipe.vae, pixels)
+            latents = scene_latents(pipe, concept)
             # TokenVerse's split (800 of 1400 steps in stage 1); no flips: a mirrored world image contradicts
             # its caption (the object's side, the light's side)
             config = LearnConfig(steps=self.steps, stage1_steps=max(1, self.steps * 4 // 7), lr=self.lr,
                                  seed=self.seed, flip_probability=0.0, log_every=0)
+            layout = TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
+                                                          max_length=MAX_SEQUENCE_LENGTH)
+            partner_texts = [(composed_caption(layout, caption_text, f"a {describe(scene, 'object')}"),
+                              scene_latents(pipe, scene))
+                             for scene in isolation_scenes(concept, self.isolation_partners, self.seed)]
             with torch.enable_grad(), DiffusersDenoiser(pipe.transformer, prompt_embeds, pooled) as denoiser:
+                partners = [IsolationPartner(denoiser.with_caption(*encode_caption(pipe, text, "cpu",
+                                                                                   MAX_SEQUENCE_LENGTH)),
+                                             positions, partner_latents)
+                            for text, partner_latents in partner_texts]
                 result = learn_concepts(denoiser, latents, positions, config, words=[word],
-                                        init=None if init is None else [init])
+                                        init=None if init is None else [init], isolation=partners)
             self.cache[key] = result.deltas[0].detach().cpu()
         return self.cache[key]
 
 
 def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Optional[str] = None,
-                         lr: Optional[float] = None, seed: int = 0):
+                         lr: Optional[float] = None, seed: int = 0, isolation_partners: int = 0):
     """TokenVerse per concept image (``steps`` each at ``lr``), optionally started from an adapter's prediction
-    (hybrid)."""
-    learner = ConceptLearner(models, steps=steps, lr=lr, seed=seed)
+    (hybrid), optionally with ``isolation_partners`` partner scenes per concept image."""
+    learner = ConceptLearner(models, steps=steps, lr=lr, seed=seed, isolation_partners=isolation_partners)
     predictor = AdapterPredictor(models, init_checkpoint) if init_checkpoint else None
 
     def method(case: Case):
@@ -161,7 +202,7 @@ def learn_concept_method(models: WorldModels, *, steps: int, init_checkpoint: Op
     return method
 
 
-ROWS = "oracle, bare, description, adapter=FILE, global=FILE, learn, hybrid=FILE"
+ROWS = "oracle, bare, description, adapter=FILE, global=FILE, learn, learn-isolated, hybrid=FILE"
 
 
 def row_method(models: WorldModels, name: str, checkpoint: str, *, learn_steps: int, hybrid_steps: int, lr: float,
@@ -178,6 +219,8 @@ def row_method(models: WorldModels, name: str, checkpoint: str, *, learn_steps: 
         "adapter": lambda: adapter_method(models, checkpoint),
         "global": lambda: adapter_method(models, checkpoint, everywhere=True),
         "learn": lambda: learn_concept_method(models, steps=learn_steps, lr=lr, seed=seed),
+        "learn-isolated": lambda: learn_concept_method(models, steps=learn_steps, lr=lr, seed=seed,
+                                                       isolation_partners=ISOLATION_PARTNERS),
         "hybrid": lambda: learn_concept_method(models, steps=hybrid_steps, init_checkpoint=checkpoint, lr=lr,
                                                seed=seed),
     }.get(kind)
