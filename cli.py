@@ -150,7 +150,9 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
 
     # Unset options keep LearnConfig's defaults, which are not repeated here.
     optional = {name: value for name, value in (("relative_lr", args.relative_lr),
-                                                ("isolation_probability", args.isolation_probability))
+                                                ("isolation_probability", args.isolation_probability),
+                                                ("negative_probability", args.negative_probability),
+                                                ("negative_weight", args.negative_weight))
                 if value is not None}
     config = LearnConfig(steps=args.steps, stage1_steps=args.stage1_steps, lr=args.lr, seed=args.seed, **optional,
                          flip_probability=args.flip_probability)
@@ -169,7 +171,8 @@ def cmd_learn(args: argparse.Namespace, should_stop=None) -> int:
             gradient_checkpointing=args.gradient_checkpointing, guidance=args.guidance,
             max_sequence_length=args.max_sequence_length, eval_draws=args.eval_draws, overwrite=args.overwrite,
             show_progress=not args.no_progress, should_stop=should_stop or interrupted.is_set,
-            isolation=[tuple(pair) for pair in args.isolate_with])
+            isolation=[tuple(pair) for pair in args.isolate_with],
+            negatives=[tuple(pair) for pair in args.negative])
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -424,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "model draws it")
     learn.add_argument("--isolation-probability", type=float, default=None,
                        help="share of the steps that use an --isolate-with image (default 0.5, TokenVerse's half)")
+    learn.add_argument("--negative", nargs=2, action="append", default=[], metavar=("IMAGE", "CAPTION"),
+                       help="an image WITHOUT the concept and its caption, which names every --word (repeatable; "
+                            "ours, not TokenVerse's): on --negative-probability of the steps the learned concepts "
+                            "may not lower its denoising loss, so that they learn the concept and not a correction "
+                            "of the model that any image takes (docs/learn_concept.md)")
+    learn.add_argument("--negative-probability", type=float, default=None,
+                       help="share of the steps that also draw a --negative image (default 0.5)")
+    learn.add_argument("--negative-weight", type=float, default=None,
+                       help="weight of the --negative term (default 1)")
     learn.add_argument("--eval-draws", type=int, default=8,
                        help="held-out noise draws to report the loss with and without the concepts (default 8; 0 = off)")
     learn.add_argument("--overwrite", action="store_true", help="replace existing concept files")

@@ -21,6 +21,13 @@ script replays its draws), per σ bin, on the same noise draws:
 ``wrong − stated`` is the signal that tells the right value from a wrong one; ``bare − learned`` is what the
 learned Δ took of it. Both are in units of the loss (a mean squared error of the velocity, about 1.4 here).
 
+With ``--held-out-view``, every column is measured on a new scene instead of the concept image: the concept's
+values, every other group drawn anew (a view no run learned from), under its own captions. A learned Δ that
+lowers the loss there carries something of the concept beyond its one image. With ``--other-view``, the new
+scene has another scene's values of the concept too (the control: a Δ that lowers the loss as much there
+carries nothing of its concept, only a correction of the model that any image takes). Several ``--work-dir`` give one
+``learned`` column each, named by the folder (e.g. one image against ``eval-learn --learn-views 3``).
+
     python benchmarks/world_learn_loss_sees.py --work-dir out/world/evlearn-rule-s7 --kinds surface pose lighting
 """
 
@@ -41,13 +48,19 @@ BINS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", default=None, help="the world folder (default: the shipped one)")
-    parser.add_argument("--work-dir", required=True, help="an eval-learn --work-dir (its <kind>/<kind>-NNN files)")
+    parser.add_argument("--work-dir", required=True, nargs="+",
+                        help="eval-learn --work-dir(s) (their <kind>/<kind>-NNN files); one learned column each")
     parser.add_argument("--kinds", nargs="+", default=["surface", "pose", "lighting"])
     parser.add_argument("--concepts", type=int, default=4, help="concept images per kind (default 4)")
     parser.add_argument("--prompts", type=int, default=8, help="eval-learn's --prompts (replays its draws)")
     parser.add_argument("--seed", type=int, default=7, help="eval-learn's --seed (default 7)")
     parser.add_argument("--draws", type=int, default=16, help="noise draws per σ bin (default 16)")
     parser.add_argument("--adapter", help="a Mod-Adapter checkpoint: adds the loss of its predicted Δ")
+    parser.add_argument("--held-out-view", action="store_true",
+                        help="measure on a new scene with the concept's values (other groups drawn anew) instead of "
+                             "the concept image")
+    parser.add_argument("--other-view", action="store_true",
+                        help="the control: measure on a new scene with another scene's values of the concept")
     args = parser.parse_args(argv)
 
     from mod_adapter.modules.concept_file import load_concept
@@ -56,7 +69,7 @@ def main(argv=None) -> int:
     from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
     from mod_adapter.modules.world.captions import full_caption
     from mod_adapter.modules.world.cli import world_pipeline
-    from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, other_values, word_positions
+    from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, more_views, other_values, word_positions
     from mod_adapter.modules.world.pairs import concept_caption
     from mod_adapter.modules.world.paths import WORLD_FOLDER
     from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES, render
@@ -78,14 +91,24 @@ def main(argv=None) -> int:
                                   [positions] if delta is not None else [[0]], seed=args.seed, num_draws=args.draws,
                                   sigma_range=low_high) for low_high in BINS]
 
+    learned_columns = {work_dir: "learned" if len(args.work_dir) == 1 else
+                       f"learned:{os.path.basename(os.path.normpath(work_dir))}" for work_dir in args.work_dir}
     rows = []
     for kind in args.kinds:
         rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind)])  # as concept_learning draws
         per_concept = []
         for c in range(args.concepts):
-            scene = random_scene(rng, EVAL)
-            targets = [other_values(scene, kind, rng) for _ in range(args.prompts)]
-            wrong_scene = dataclasses.replace(scene, **{name: getattr(targets[0], name)
+            concept_scene = random_scene(rng, EVAL)
+            targets = [other_values(concept_scene, kind, rng) for _ in range(args.prompts)]
+            # eval-learn --learn-views draws its views from [seed, kind, c, 1]: the held-out view from another stream
+            scene = (more_views(concept_scene, kind, 1, np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind),
+                                                                               c, 2]))[0]
+                     if args.held_out_view or args.other_view else concept_scene)
+            if args.other_view:  # the first prompt's values of the concept, which all differ from the concept's
+                scene = dataclasses.replace(scene, **{name: getattr(targets[0], name)
+                                                      for name in CONCEPT_ATTRIBUTES[kind]})
+            wrong_from = targets[1 if args.other_view else 0]  # values that differ from the scene's own
+            wrong_scene = dataclasses.replace(scene, **{name: getattr(wrong_from, name)
                                                         for name in CONCEPT_ATTRIBUTES[kind]})
             pixels = torch.from_numpy(render(scene)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
             latents = vae_encode(pipe.vae, pixels)
@@ -97,12 +120,14 @@ def main(argv=None) -> int:
             for name in attributes if len(attributes) > 1 else ():
                 one_wrong = dataclasses.replace(scene, **{name: getattr(wrong_scene, name)})
                 losses[f"wrong {name}"] = loss_by_bin(full_caption(one_wrong), latents)
-            concept_path = os.path.join(args.work_dir, kind, f"{kind}-{c:03d}.safetensors")
-            if os.path.isfile(concept_path):
-                losses["learned"] = loss_by_bin(learning_caption, latents, load_concept(concept_path).delta,
-                                                word_positions(pipe, learning_caption, kind))
-            if predictor is not None:
-                losses["adapter"] = loss_by_bin(learning_caption, latents, predictor.delta(scene, kind),
+            for work_dir in args.work_dir:
+                concept_path = os.path.join(work_dir, kind, f"{kind}-{c:03d}.safetensors")
+                column = learned_columns[work_dir]
+                if os.path.isfile(concept_path):
+                    losses[column] = loss_by_bin(learning_caption, latents, load_concept(concept_path).delta,
+                                                 word_positions(pipe, learning_caption, kind))
+            if predictor is not None:  # the adapter sees the concept image, as an artist's graph gives it
+                losses["adapter"] = loss_by_bin(learning_caption, latents, predictor.delta(concept_scene, kind),
                                                 word_positions(pipe, learning_caption, kind))
             per_concept.append(losses)
             print(f"{kind} {c + 1}/{args.concepts}", file=sys.stderr)
@@ -114,12 +139,13 @@ def main(argv=None) -> int:
             for name in CONCEPT_ATTRIBUTES[kind]:
                 if f"wrong {name}" in row:
                     row[f"wrong_{name}_minus_stated"] = row[f"wrong {name}"] - row["stated"]
-            if "learned" in row:
-                row["bare_minus_learned"] = row["bare"] - row["learned"]
+            for column in learned_columns.values():
+                if column in row:
+                    row[f"bare_minus_{column}"] = row["bare"] - row[column]
             rows.append(row)
     print(json.dumps(rows, indent=1))
-    columns = ["kind", "sigma", "stated", "wrong", "bare", "learned", "adapter", "wrong_minus_stated",
-               "bare_minus_learned"]
+    columns = ["kind", "sigma", "stated", "wrong", "bare", *learned_columns.values(), "adapter", "wrong_minus_stated",
+               *(f"bare_minus_{column}" for column in learned_columns.values())]
     columns += sorted({c for row in rows for c in row if c.startswith("wrong_") and c != "wrong_minus_stated"})
     print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
     for row in rows:

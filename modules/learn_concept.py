@@ -19,6 +19,15 @@ join the run as more training images: a step draws its images from all of
 them, each denoised under its own caption. What the images share is then
 what the concept words have to carry (a dog seen on a beach and in a room).
 
+Negative images (ours; ``negatives``): images that do *not* show the
+concept, under their own captions that name the word. A Δ may lower the
+loss of every image, whatever it shows: a correction of the model that any
+image takes, not the concept (docs/results.md measures this on the toy world,
+where it is most of what a surface Δ learns). On a share of the steps one
+negative image is also denoised with and without Δ, and the amount by which
+Δ lowers its loss is added to the loss (a hinge: Δ may raise it, as a
+concept Δ does on an image of something else).
+
 TokenVerse's concept-isolation loss (:class:`IsolationPartner`): on a share of
 the steps the concept image is composed, side by side, with another concept
 image, under a caption that names both. The concept's half is denoised as
@@ -40,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +111,9 @@ class LearnConfig:
     flip_probability: float = 0.5
     # Share of the steps that compose the concept image with an isolation partner (when partners are given).
     isolation_probability: float = 0.5
+    # Negative images (ours, not TokenVerse's): share of the steps that also draw one, and the weight of its term.
+    negative_probability: float = 0.5
+    negative_weight: float = 1.0
     batch_size: int = 1
     # None disables clipping. With the rule (lr None) the norm is divided by rms(vec): the gradient of Δ scales as
     # 1/rms(vec), and a clipping norm fixed in absolute units would clip one model and not its rescaled twin.
@@ -135,7 +147,10 @@ class LearnConfig:
             low, high = getattr(self, name)
             if not (0.0 <= low < high <= 1.0):
                 raise fail(f"{name} must be (low, high) with 0 <= low < high <= 1, got {(low, high)!r}")
-        for name in ("range_probability", "flip_probability", "isolation_probability"):
+        if not (isinstance(self.negative_weight, (int, float)) and math.isfinite(self.negative_weight)
+                and self.negative_weight >= 0):
+            raise fail(f"negative_weight must be 0 or more, got {self.negative_weight!r}")
+        for name in ("range_probability", "flip_probability", "isolation_probability", "negative_probability"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise fail(f"{name} must be between 0 and 1, got {value!r}")
@@ -415,11 +430,13 @@ def _check_partners(partners: Sequence[IsolationPartner], latents: torch.Tensor,
     return checked
 
 
-def _check_more_images(more_images: Sequence[CaptionedImages], latents: torch.Tensor,
-                       words: Sequence[str]) -> List[CaptionedImages]:
+def _check_more_images(more_images: Sequence[CaptionedImages], latents: torch.Tensor, words: Sequence[str],
+                       what: str = "image group", first: int = 2) -> List[CaptionedImages]:
+    """``first``: the number of the first group in messages (the main caption's images are image group 1)."""
     checked = []
+    noun = what
     for index, group in enumerate(more_images):
-        what = f"image group {index + 2}"  # group 1 is the main caption's images
+        what = f"{noun} {index + first}"
         if not isinstance(group, CaptionedImages) or not isinstance(group.denoiser, Denoiser):
             raise TypeError(f"{what} must be CaptionedImages with a Denoiser")
         _check_latents(group.latents, f"{what}'s latents")
@@ -535,21 +552,60 @@ def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: 
     return noisy, sigma, target, image_index
 
 
-def _denoising_loss(groups: Sequence[CaptionedImages], group_of_image: torch.Tensor, noisy: torch.Tensor,
-                    sigma: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor,
-                    deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The batch's mean squared error, each image denoised under its own group's caption."""
+def _negative_terms(negatives: Sequence[CaptionedImages], group_of_negative: torch.Tensor, clean: torch.Tensor,
+                    generator: torch.Generator, config: LearnConfig, in_stage1: bool,
+                    deltas: Sequence[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """A batch of negative images (drawn as a training batch draws its images, no flips), each under its own
+    caption: the hinge relu(loss without Δ − loss with Δ) per image, averaged over the batch, in one part per
+    caption."""
+    image_index, sigma = _draw_images_and_sigmas(generator, config, in_stage1, clean.shape[0])
+    noise = torch.randn((config.batch_size, *clean.shape[1:]), generator=generator).to(device)
+    sigma = sigma.to(device)
+    noisy, target = flow_matching_pair(clean[image_index.to(device)], noise, sigma)
+    owners = group_of_negative[image_index]
+    for g in owners.unique().tolist():
+        rows = (owners == g).nonzero().flatten().to(device)
+        group = negatives[g]
+        # Without Δ first: a checkpointing host recomputes the forward with the concepts of the last forward it ran.
+        with torch.no_grad():
+            without = group.denoiser.velocity(noisy[rows], sigma[rows], [], []).float()
+        prediction = group.denoiser.velocity(noisy[rows], sigma[rows], deltas, group.positions).float()
+        loss_without = (without - target[rows]).pow(2).flatten(1).mean(dim=1)
+        loss_with = (prediction - target[rows]).pow(2).flatten(1).mean(dim=1)
+        yield F.relu(loss_without - loss_with).sum() / config.batch_size
+
+
+def _denoising_losses(groups: Sequence[CaptionedImages], group_of_image: torch.Tensor, noisy: torch.Tensor,
+                      sigma: torch.Tensor, target: torch.Tensor, image_index: torch.Tensor,
+                      deltas: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batch's mean squared error in parts, one per caption among the batch's images, each denoised under its
+    own caption; the parts add up to the batch's mean."""
     if len(groups) == 1:
         main = groups[0]
-        return F.mse_loss(main.denoiser.velocity(noisy, sigma, deltas, main.positions).float(), target)
+        yield F.mse_loss(main.denoiser.velocity(noisy, sigma, deltas, main.positions).float(), target)
+        return
     owners = group_of_image[image_index]
-    total = noisy.new_zeros((), dtype=torch.float32)
     for g in owners.unique().tolist():
         rows = (owners == g).nonzero().flatten().to(noisy.device)
         group = groups[g]
         prediction = group.denoiser.velocity(noisy[rows], sigma[rows], deltas, group.positions).float()
-        total = total + F.mse_loss(prediction, target[rows], reduction="sum")
-    return total / target.numel()
+        yield F.mse_loss(prediction, target[rows], reduction="sum") / target.numel()
+
+
+def _backward_each(parts: Iterator[torch.Tensor], step: int, config: LearnConfig, lr: float) -> float:
+    """Backpropagate each part of a step's loss before the next part's forward runs; the step's loss.
+
+    A host under activation checkpointing recomputes a forward during the backward with the concepts (token
+    positions, batch) of the last forward it ran, so a step whose parts run several forwards with Δ (images
+    under other captions, negatives) takes each part's backward at once: the gradients add up as for their sum."""
+    total = 0.0
+    for part in parts:
+        value = float(part.detach())
+        if not math.isfinite(value):
+            raise _diverged(step, config, lr, f"the loss is {value}", "keep gradient clipping on, and ")
+        part.backward()
+        total += value
+    return total
 
 
 def learn_concepts(
@@ -565,6 +621,7 @@ def learn_concepts(
     should_stop: Optional[Callable[[], bool]] = None,
     isolation: Sequence[IsolationPartner] = (),
     more_images: Sequence[CaptionedImages] = (),
+    negatives: Sequence[CaptionedImages] = (),
 ) -> LearnResult:
     """Learn one Δ table per concept word on the images ``latents`` (TokenVerse recipe).
 
@@ -592,6 +649,12 @@ def learn_concepts(
     more_images: more images of the same concepts under captions of their own
         (:class:`CaptionedImages`). A step draws its images uniformly from all
         the images, main and more, and denoises each under its own caption.
+    negatives: images without the concepts, each group under its own caption
+        that contains the words (:class:`CaptionedImages`; positions: the
+        words' in that caption). On ``config.negative_probability`` of the
+        steps one batch of them (drawn uniformly) adds ``negative_weight`` ×
+        the hinge relu(loss without Δ − loss with Δ). Without negatives the
+        run draws what it drew before they existed.
 
     Raises :class:`LearningDivergedError` when the loss or the gradient is NaN
     or infinite (lower the learning rate), :class:`ModAdapterError` for
@@ -603,6 +666,7 @@ def learn_concepts(
     partners = _check_partners(isolation, latents, words)
     groups = [CaptionedImages(denoiser, positions, latents, flipped_latents),
               *_check_more_images(more_images, latents, words)]
+    negatives = _check_more_images(negatives, latents, words, what="negative image group", first=1)
     device = torch.device(denoiser.device)
     num_concepts = len(words)
     global_directions, block_offsets = _starting_directions(init, num_concepts, denoiser.layout, device)
@@ -624,6 +688,9 @@ def learn_concepts(
         flipped = stacked([group.latents.flip(-1) if group.flipped_latents is None else group.flipped_latents
                            for group in groups])
     group_of_image = torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(groups)])
+    negative_clean = stacked([group.latents for group in negatives]) if negatives else None
+    group_of_negative = (torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(negatives)])
+                         if negatives else None)
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
 
     result = LearnResult(deltas=[], words=words, lr=lr, vec_rms=vec_rms)
@@ -638,20 +705,28 @@ def learn_concepts(
                 optimizer.add_param_group({"params": [block_offsets],
                                            "lr": config.offset_lr if config.offset_lr is not None else lr})
 
-            deltas = [global_directions[k][None, :] + block_offsets[k] for k in range(num_concepts)]
-            isolating = bool(partners) and float(torch.rand((), generator=generator)) < config.isolation_probability
-            if isolating:
-                partner = partners[int(torch.randint(len(partners), (), generator=generator))]
-                loss = _isolation_loss(partner, generator, config, in_stage1, main_clean, deltas, device)
-            else:
-                noisy, sigma, target, image_index = _training_batch(generator, config, in_stage1, clean, flipped,
-                                                                    device)
-                loss = _denoising_loss(groups, group_of_image, noisy, sigma, target, image_index, deltas)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise _diverged(step, config, lr, f"the loss is {loss_value}", "keep gradient clipping on, and ")
+            # The parts of a step backpropagate one at a time into Δ tables that are leaves of their own, then Δ's
+            # gradient flows once into the global directions and offsets (their sum's graph is used once).
+            tables = [global_directions[k][None, :] + block_offsets[k] for k in range(num_concepts)]
+            deltas = [table.detach().requires_grad_(True) for table in tables]
+
+            def step_losses():
+                """The step's loss in parts, each yielded right after its forward (see _backward_each)."""
+                if bool(partners) and float(torch.rand((), generator=generator)) < config.isolation_probability:
+                    partner = partners[int(torch.randint(len(partners), (), generator=generator))]
+                    yield _isolation_loss(partner, generator, config, in_stage1, main_clean, deltas, device)
+                else:
+                    noisy, sigma, target, image_index = _training_batch(generator, config, in_stage1, clean, flipped,
+                                                                        device)
+                    yield from _denoising_losses(groups, group_of_image, noisy, sigma, target, image_index, deltas)
+                if negatives and float(torch.rand((), generator=generator)) < config.negative_probability:
+                    for part in _negative_terms(negatives, group_of_negative, negative_clean, generator, config,
+                                                in_stage1, deltas, device):
+                        yield config.negative_weight * part
+
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value = _backward_each(step_losses(), step, config, lr)
+            torch.autograd.backward(tables, [d.grad if d.grad is not None else torch.zeros_like(d) for d in deltas])
             if step == 0:
                 frozen.check_no_gradients()
             trainable = [p for p in (global_directions, block_offsets) if p.requires_grad]

@@ -208,21 +208,23 @@ class _EncodedRun:
     latents: torch.Tensor  # the concept images
     flipped_latents: torch.Tensor  # their mirror images
     partners: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # isolation: (T5, pooled, latents (1, C, H, W))
+    negatives: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the same for each negative image
 
 
 def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.device, captions: Sequence[str],
                                      max_sequence_length: int, pixels: torch.Tensor, gradient_checkpointing: bool,
-                                     partners: Sequence[Tuple[str, torch.Tensor]] = ()) -> _EncodedRun:
+                                     partners: Sequence[Tuple[str, torch.Tensor]] = (),
+                                     negatives: Sequence[Tuple[str, torch.Tensor]] = ()) -> _EncodedRun:
     """Encode the captions and the images (and their mirror images) once, and each isolation partner's composed
-    caption and image, then free the text encoders and the VAE."""
+    caption and image and each negative image and its caption, then free the text encoders and the VAE."""
     pipe = load_flux_pipeline(source, dtype)
     texts = [encode_caption(pipe, text, device, max_sequence_length) for text in captions]
     pipe.vae.to(device)
     latents = vae_encode(pipe.vae, pixels, device, one_at_a_time=True).cpu()
     flipped_latents = vae_encode(pipe.vae, pixels.flip(-1), device, one_at_a_time=True).cpu()
-    encoded_partners = [(*encode_caption(pipe, text, device, max_sequence_length),
-                         vae_encode(pipe.vae, image[None], device, one_at_a_time=True).cpu())
-                        for text, image in partners]
+    encoded_partners, encoded_negatives = ([(*encode_caption(pipe, text, device, max_sequence_length),
+                                             vae_encode(pipe.vae, image[None], device, one_at_a_time=True).cpu())
+                                            for text, image in pairs] for pairs in (partners, negatives))
     transformer = pipe.transformer
     del pipe  # the text encoders and the VAE are not needed any more
     gc.collect()
@@ -232,10 +234,10 @@ def _encode_and_keep_the_transformer(source, dtype: torch.dtype, device: torch.d
     transformer.requires_grad_(False)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return _EncodedRun(transformer, texts, latents, flipped_latents, encoded_partners)
+    return _EncodedRun(transformer, texts, latents, flipped_latents, encoded_partners, encoded_negatives)
 
 
-def _learned_source(result, config, images, captions, words, resolution, flux, isolation, eval_loss,
+def _learned_source(result, config, images, captions, words, resolution, flux, isolation, negatives, eval_loss,
                     eval_without) -> dict:
     """The concept file's ``source``: how it was learned, from what (``caption``: the first image's; ``captions``,
     one per image, when they differ)."""
@@ -252,6 +254,10 @@ def _learned_source(result, config, images, captions, words, resolution, flux, i
         source.update(isolation_images=[os.path.basename(p) for p, _ in isolation],
                       isolation_captions=[text for _, text in isolation],
                       isolation_probability=config.isolation_probability)
+    if negatives:
+        source.update(negative_images=[os.path.basename(p) for p, _ in negatives],
+                      negative_captions=[text for _, text in negatives],
+                      negative_probability=config.negative_probability, negative_weight=config.negative_weight)
     if eval_loss is not None:
         source.update(eval_loss=round(eval_loss, 6), eval_loss_without=round(eval_without, 6))
     return source
@@ -278,6 +284,7 @@ def learn_concept_files(
     should_stop=None,
     log=print,
     isolation: Sequence[Tuple[str, str]] = (),
+    negatives: Sequence[Tuple[str, str]] = (),
 ) -> LearnFilesReport:
     """Learn one concept file per word of ``caption`` from ``images`` with FLUX.1 (diffusers).
 
@@ -289,6 +296,8 @@ def learn_concept_files(
     contain every word.
     isolation: (image file, its caption) pairs for TokenVerse's concept-isolation loss
     (:class:`~.learn_concept.IsolationPartner`); they are composed with the images of the first image's caption.
+    negatives: (image file, its caption) pairs of images without the concepts, each caption containing every
+    word (``learn_concepts``' ``negatives``).
     """
     from .concept import Concept
     from .concept_file import save_concept
@@ -329,10 +338,13 @@ def learn_concept_files(
     partner_pixels = load_concept_images([image for image, _ in isolation], resolution)[0] if isolation else []
     partners = [(composed_caption(layout, main_caption, text), image)
                 for (_, text), image in zip(isolation, partner_pixels)]
+    negative_positions = [find_concept_positions(layout, text, words) for _, text in negatives]
+    negative_pixels = load_concept_images([image for image, _ in negatives], resolution)[0] if negatives else []
 
     log(f"loading FLUX.1 from {source.transformer_file or source.components} ({run_dtype}, {run_device})")
     run = _encode_and_keep_the_transformer(source, run_dtype, run_device, list(groups), max_sequence_length, pixels,
-                                           gradient_checkpointing, partners)
+                                           gradient_checkpointing, partners,
+                                           [(text, image) for (_, text), image in zip(negatives, negative_pixels)])
     # Per caption: (T5, pooled, positions, its images' latents, their mirror images').
     grouped = [(*run.texts[g], positions_of[text], run.latents[indices], run.flipped_latents[indices])
                for g, (text, indices) in enumerate(groups.items())]
@@ -358,9 +370,12 @@ def learn_concept_files(
                                   for partner_embeds, partner_pooled, image in run.partners]
             more_images = [CaptionedImages(denoiser.with_caption(e, p), pos, lat, flip)
                            for e, p, pos, lat, flip in grouped[1:]]
+            negative_images = [CaptionedImages(denoiser.with_caption(e, p), pos, lat)
+                               for (e, p, lat), pos in zip(run.negatives, negative_positions)]
             result = learn_concepts(denoiser, latents, positions, config, words=words,
                                     flipped_latents=flipped_latents, progress=progress, should_stop=should_stop,
-                                    isolation=isolation_partners, more_images=more_images)
+                                    isolation=isolation_partners, more_images=more_images,
+                                    negatives=negative_images)
             if not result.stopped and eval_draws > 0:
                 # The mean over every image, each under its own caption.
                 views = [(denoiser, latents, positions)] + [(m.denoiser, m.latents, m.positions) for m in more_images]
@@ -383,7 +398,7 @@ def learn_concept_files(
         log(f"held-out denoising loss ({eval_draws} draws): {eval_loss:.5f} with the learned concepts, "
             f"{eval_without:.5f} without ({change:+.1f}%)")
 
-    learned_source = _learned_source(result, config, images, captions, words, resolution, flux, isolation,
+    learned_source = _learned_source(result, config, images, captions, words, resolution, flux, isolation, negatives,
                                      eval_loss, eval_without)
     concepts = [Concept(word=w, delta=d, source=dict(learned_source)) for w, d in zip(words, result.deltas)]
     for path, concept in zip(paths, concepts):

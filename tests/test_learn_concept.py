@@ -186,6 +186,30 @@ def test_gradient_checkpointing_gives_the_same_result(model, denoiser, latents):
     torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_checkpointing_gives_the_same_result_when_a_step_runs_several_captions(model, caption_embeds, latents):
+    """Images under another caption and negatives run several forwards with Δ in one step, at other token
+    positions: each is backpropagated before the next, so the recompute sees its own forward's concepts."""
+    other = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(31)), caption_embeds[1]
+    more = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(32))
+    config = LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=4, batch_size=3, negative_probability=1.0,
+                         log_every=0)
+
+    def run():
+        with DiffusersDenoiser(model, *caption_embeds) as host:
+            other_caption = host.with_caption(*other)
+            return learn_concepts(host, latents, POSITIONS, config,
+                                  more_images=[CaptionedImages(other_caption, [[1, 2, 5]], more[:1])],
+                                  negatives=[CaptionedImages(other_caption, [[6]], more[1:])]).deltas[0]
+
+    plain = run()
+    model.enable_gradient_checkpointing()
+    try:
+        checkpointed = run()
+    finally:
+        model.disable_gradient_checkpointing()
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_saved_concept_reloads_to_the_same_delta(tmp_path, learned):
     path = tmp_path / "dog.safetensors"
     source = {"kind": "learned", "method": "tokenverse", "steps": learned.steps_done, "images": 1, "caption": "a dog"}
@@ -321,7 +345,8 @@ def test_flip_augmentation_uses_the_flipped_encodings(latents):
 
 @pytest.mark.parametrize("change", [dict(steps=0), dict(stage1_steps=-1), dict(lr=0.0), dict(lr=float("nan")),
                                     dict(stage1_sigma_range=(0.9, 0.8)), dict(range_probability=1.5),
-                                    dict(batch_size=0), dict(max_grad_norm=-1.0), dict(steps=1.5)])
+                                    dict(batch_size=0), dict(max_grad_norm=-1.0), dict(steps=1.5),
+                                    dict(negative_weight=-1.0), dict(negative_probability=2.0)])
 def test_invalid_settings_are_refused(denoiser, latents, change):
     with pytest.raises(ModAdapterError, match="Invalid learning setting"):
         learn_concepts(denoiser, latents, POSITIONS, LearnConfig(**change))
@@ -528,6 +553,31 @@ def test_cli_learns_from_images_with_a_caption_each(tiny_pipeline_dir, concept_i
     assert len(captions_seen) == 2  # each image was denoised under its own caption
 
 
+def test_cli_learns_with_negative_images(tiny_pipeline_dir, concept_images, tmp_path, capsys, monkeypatch):
+    calls = []  # (caption's T5 tensor, with Δ?) per forward
+    original = DiffusersDenoiser.velocity
+    monkeypatch.setattr(DiffusersDenoiser, "velocity", lambda self, noisy, sigma, deltas, *a: calls.append(
+        (self.prompt_embeds.data_ptr(), bool(deltas))) or original(self, noisy, sigma, deltas, *a))
+    args = _learn_args(tiny_pipeline_dir, concept_images[:1], tmp_path / "out", "--negative", concept_images[1],
+                       "a white dog on a rocky beach", "--negative-probability", "1", "--negative-weight", "2",
+                       "--eval-draws", "0")
+    assert cli.main(args) == 0
+    source = load_concept(tmp_path / "out" / "dog.safetensors").source
+    assert source["negative_images"] == ["wide.png"] and source["negative_captions"] == ["a white dog on a rocky beach"]
+    assert (source["negative_probability"], source["negative_weight"]) == (1.0, 2.0)
+    # every step: the concept image with Δ, then the negative under its own caption without Δ and with it
+    main_caption = calls[0][0]
+    assert len(calls) == 3 * 6 and all(calls[3 * s][0] == main_caption and calls[3 * s][1] for s in range(6))
+    assert all(calls[3 * s + 1][0] != main_caption and calls[3 * s + 1] == (calls[3 * s + 2][0], False)
+               and calls[3 * s + 2][1] for s in range(6))
+    capsys.readouterr()
+    missing = _learn_args(tiny_pipeline_dir, concept_images[:1], tmp_path / "out2", "--negative", concept_images[1],
+                          "a white dog")  # no 'beach'
+    assert cli.main(missing) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert "'beach'" in captured.err and "loading FLUX.1" not in captured.out
+
+
 @pytest.mark.parametrize("captions, message", [
     (["a red dog on a sandy beach", "a dog", "a beach"], "3 captions for 2 images"),
     (["a red dog on a sandy beach", "a dog in a room"], "'beach'"),
@@ -693,6 +743,47 @@ def test_more_images_are_checked(denoiser, latents):
             learn_concepts(denoiser, latents, POSITIONS, FAST, more_images=[good, bad])
 
 
+class ChannelShiftHost(FakeHost):
+    """Δ (its mean over blocks) shifts every channel of the prediction by M·Δ, for every image alike: the best Δ
+    for an image moves the prediction's channel means to −(the image's channel means)."""
+
+    def __init__(self):
+        self.shift = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(13)) / WIDTH ** 0.5
+
+    def velocity(self, noisy, sigma, deltas, positions):
+        out = torch.zeros_like(noisy)
+        if deltas:
+            out = out + (self.shift @ deltas[0].mean(dim=0)).view(1, -1, 1, 1)
+        return out
+
+
+def test_negatives_keep_delta_from_lowering_the_loss_of_images_without_the_concept():
+    """The concept image and a negative share a colour common to every image (what any image's loss rewards)
+    and differ in a colour of their own (the concept): with the negative, Δ keeps the concept's part and drops
+    most of the common one."""
+    g = torch.Generator().manual_seed(14)
+    common = torch.full((16, 1, 1), 2.0)
+    own, other = 0.7 * torch.randn(2, 16, 1, 1, generator=g)
+    concept = (common + own).expand(1, 16, 8, 8).clone()
+    negative = (common + other).expand(1, 16, 8, 8).clone()
+    host = ChannelShiftHost()
+    config = LearnConfig(steps=300, stage1_steps=300, lr=0.05, seed=3, negative_probability=1.0, log_every=0)
+    plain = learn_concepts(host, concept, POSITIONS, config)
+    with_negative = learn_concepts(host, concept, POSITIONS, config,
+                                   negatives=[CaptionedImages(host, [[5]], negative)])
+
+    def gain(images, result):  # how much Δ lowers the loss of the images
+        return (evaluate_loss(host, images, None, POSITIONS, num_draws=16)
+                - evaluate_loss(host, images, result.deltas, POSITIONS, num_draws=16))
+
+    assert gain(negative, plain) > 0.5  # the plain Δ takes the common colour, which the negative shares
+    assert gain(negative, with_negative) < 0.2 * gain(negative, plain)
+    shifted = [host.shift @ result.deltas[0].mean(dim=0) for result in (plain, with_negative)]
+    assert torch.nn.functional.cosine_similarity(shifted[1], -own.flatten(), dim=0) > torch.nn.functional.cosine_similarity(
+        shifted[0], -own.flatten(), dim=0)  # what is left points more to the concept's own colour
+    assert gain(concept, with_negative) > 0.3 * gain(concept, plain)  # and still carries much of the concept
+
+
 # --------------------------------------------------------------------------
 # TokenVerse's concept-isolation loss
 # --------------------------------------------------------------------------
@@ -738,8 +829,9 @@ def test_isolation_runs_on_the_diffusers_host_with_a_composed_caption(model, cap
         assert torch.equal(host.prompt_embeds, caption_embeds[0])  # the partner's caption is its own
 
 
-def test_a_run_without_partners_draws_what_it_drew_before(denoiser, latents):
-    config = LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=5, isolation_probability=1.0, log_every=0)
+@pytest.mark.parametrize("unused", [dict(isolation_probability=1.0), dict(negative_probability=1.0)])
+def test_a_run_without_partners_or_negatives_draws_what_it_drew_before(denoiser, latents, unused):
+    config = LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=5, log_every=0, **unused)
     ignored = learn_concepts(denoiser, latents, POSITIONS, config)
     plain = learn_concepts(denoiser, latents, POSITIONS, LearnConfig(steps=6, stage1_steps=3, lr=0.3, seed=5,
                                                                      log_every=0))

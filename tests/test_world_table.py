@@ -319,6 +319,17 @@ def test_eval_learn_learns_each_concept_from_several_views_each_with_its_caption
     bad = mod_adapter_cli(*args, "--learn-views", "2", "--learn-every-word", "--work-dir", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "--learn-views 1" in bad.stderr and "Traceback" not in bad.stderr
 
+    # negatives: scenes whose surface differs in colour and pattern, each under its own caption
+    negative = mod_adapter_cli(*args, "--learn-negatives", "2", "--work-dir", str(tmp_path / "negative"))
+    assert negative.returncode == 0, negative.stderr[-3000:]
+    assert json.loads(negative.stdout)["learn_negatives"] == 2
+    with safe_open(str(tmp_path / "negative" / "surface" / "surface-000.safetensors"), "pt") as learned:
+        negative_source = json.loads(learned.metadata()["source"])
+    assert negative_source["negative_images"] == ["surface-000-negative0.png", "surface-000-negative1.png"]
+    assert negative_source["caption"] == one_source["caption"] and negative_source["images"] == 1
+    assert len(set(negative_source["negative_captions"])) == 2
+    assert all(" surface " in caption for caption in negative_source["negative_captions"])
+
 
 def test_caption_words_are_the_distinct_words_with_the_concept_word_first():
     from mod_adapter.modules.world.evaluation import caption_words

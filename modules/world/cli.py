@@ -169,6 +169,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                                   batch_size=learn_batch_size, stage1_steps=args.learn_stage1_steps,
                                   scale=args.scale, reuse_learned=args.reuse_learned, settings=learn_settings,
                                   every_word=args.learn_every_word, views=args.learn_views,
+                                  negatives=args.learn_negatives,
                                   seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
@@ -177,7 +178,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                       "learn_steps": args.learn_steps, "learn_lr": learn_lr if learn_lr is not None else "rule",
                       "learn_batch_size": learn_batch_size, "learn_stage1_steps": "4/7" if args.learn_stage1_steps is None else args.learn_stage1_steps,
                       "learn_config": learn_settings, "learn_every_word": args.learn_every_word,
-                      "learn_views": args.learn_views,
+                      "learn_views": args.learn_views, "learn_negatives": args.learn_negatives,
                       "scale": args.scale, "reused": args.reuse_learned,
                       "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
@@ -391,6 +392,9 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--learn-views", type=int, default=1,
                             help="images per concept to learn from: the concept image and N-1 more scenes with its "
                                  "values, the other groups drawn anew, each under its own caption (default 1)")
+    eval_learn.add_argument("--learn-negatives", type=int, default=0,
+                            help="negative images per concept: scenes whose values of the concept all differ, each "
+                                 "under its own caption (Learn Concept's negatives; default 0)")
     eval_learn.add_argument("--reuse-learned", action="store_true",
                             help="score concept files already in --work-dir instead of learning them again")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")

@@ -171,7 +171,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                      lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
                      stage1_steps: Optional[int] = None, scale: float = 1.0, reuse_learned: bool = False,
                      settings: Optional[Dict[str, object]] = None, every_word: bool = False,
-                     views: int = 1, log=print) -> ConceptScores:
+                     views: int = 1, negatives: int = 0, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
 
     stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
@@ -185,6 +185,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         concept's values and the other groups drawn anew, each under its own caption (what only the concept
         shares across them is what the word has to carry). The concept images and prompts are drawn as with
         one view, so the scores compare concept by concept.
+    negatives: held-out scenes per concept whose values of the concept all differ from it, each under its own
+        learning caption, as Learn Concept's negative images (drawn apart from the concept images and prompts).
     """
     from ..concept_file import load_concept
     from ..learn_diffusers import learn_concept_files
@@ -195,8 +197,11 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         raise ValueError(f"kind must be one of {ABSTRACT_KINDS}, got {kind!r}")
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
         raise ModAdapterError(f"--learn-views must be 1 or more images per concept, got {views!r}")
-    if every_word and views > 1:
-        raise ModAdapterError("--learn-every-word learns the words of one caption; give it --learn-views 1")
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+        raise ModAdapterError(f"--learn-negatives must be 0 or more images per concept, got {negatives!r}")
+    if every_word and (views > 1 or negatives):
+        raise ModAdapterError("--learn-every-word learns the words of one caption; give it --learn-views 1 and no "
+                              "--learn-negatives")
     rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
     scores = ConceptScores(kind)
     os.makedirs(work_dir, exist_ok=True)
@@ -206,7 +211,10 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                                                    np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 1]))
         image_paths = [os.path.join(work_dir, f"{kind}-{c:03d}.png")] + [
             os.path.join(work_dir, f"{kind}-{c:03d}-view{v}.png") for v in range(1, views)]
-        for scene, path in zip(view_scenes, image_paths):
+        negative_rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 3])
+        negative_scenes = [other_values(concept_scene, kind, negative_rng) for _ in range(negatives)]
+        negative_paths = [os.path.join(work_dir, f"{kind}-{c:03d}-negative{n}.png") for n in range(negatives)]
+        for scene, path in zip(view_scenes + negative_scenes, image_paths + negative_paths):
             Image.fromarray(render(scene)).save(path)
         config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7) if stage1_steps is None else stage1_steps,
                              lr=lr, batch_size=batch_size, seed=seed + c,
@@ -227,7 +235,9 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
             learn_concept_files(flux_folder, image_paths, learning_captions, words,
                                 out, config=config, resolution=64, device="cpu", dtype="fp32",
                                 gradient_checkpointing=False, max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0,
-                                overwrite=True, show_progress=False, log=lambda message: None)
+                                overwrite=True, show_progress=False, log=lambda message: None,
+                                negatives=[(path, concept_caption(scene, kind))
+                                           for scene, path in zip(negative_scenes, negative_paths)])
             scores.learn_seconds.append(time.perf_counter() - started)
         learned = load_concept(concept_path)
         delta = learned.delta
