@@ -49,7 +49,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import (
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+    runtime_checkable,
+)
 
 import torch
 import torch.nn.functional as F
@@ -537,8 +549,8 @@ def _isolation_loss(partner: IsolationPartner, generator: torch.Generator, confi
 def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: bool, clean: torch.Tensor,
                     flipped: Optional[torch.Tensor],
                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's (x_σ, σ, target v, which images): images drawn with replacement, σ from the stage's range, flips, noise (in
-    this order from ``generator``, so that a seed gives the same run on every device)."""
+    """One step's (x_σ, σ, target v, which images): images drawn with replacement, σ from the stage's range, flips,
+    noise (in this order from ``generator``, so that a seed gives the same run on every device)."""
     batch = config.batch_size
     image_index, sigma = _draw_images_and_sigmas(generator, config, in_stage1, clean.shape[0])
     flip = (torch.rand(batch, generator=generator) < config.flip_probability).tolist()

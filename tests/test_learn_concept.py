@@ -779,8 +779,8 @@ def test_negatives_keep_delta_from_lowering_the_loss_of_images_without_the_conce
     assert gain(negative, plain) > 0.5  # the plain Δ takes the common colour, which the negative shares
     assert gain(negative, with_negative) < 0.2 * gain(negative, plain)
     shifted = [host.shift @ result.deltas[0].mean(dim=0) for result in (plain, with_negative)]
-    assert torch.nn.functional.cosine_similarity(shifted[1], -own.flatten(), dim=0) > torch.nn.functional.cosine_similarity(
-        shifted[0], -own.flatten(), dim=0)  # what is left points more to the concept's own colour
+    towards_own = [torch.nn.functional.cosine_similarity(s, -own.flatten(), dim=0) for s in shifted]
+    assert towards_own[1] > towards_own[0]  # what is left points more to the concept's own colour
     assert gain(concept, with_negative) > 0.3 * gain(concept, plain)  # and still carries much of the concept
 
 
