@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     from mod_adapter.modules.flux_diffusers import encode_caption
     from mod_adapter.modules.learn_concept import composed_caption
     from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
-    from mod_adapter.modules.token_positions import TextSequenceLayout
     from mod_adapter.modules.world.captions import describe, full_caption
     from mod_adapter.modules.world.cli import world_pipeline
+    from mod_adapter.modules.world.evaluation import text_layout
     from mod_adapter.modules.world.methods import isolation_scenes, scene_latents
     from mod_adapter.modules.world.paths import WORLD_FOLDER
     from mod_adapter.modules.world.split import EVAL, random_scene
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
 
     _, pipe, _ = world_pipeline(args.world or WORLD_FOLDER)
     torch.set_grad_enabled(False)
-    layout = TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
-                                                  max_length=MAX_SEQUENCE_LENGTH)
+    layout = text_layout(pipe)
 
     def losses_by_bin(caption: str, latents: torch.Tensor, draw_seed: int):
         """Per σ bin: (whole image, left half, right half) mean squared error of the velocity, no concepts."""

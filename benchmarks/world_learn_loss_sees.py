@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from mod_adapter.modules.concept_file import load_concept
-    from mod_adapter.modules.flux_diffusers import encode_caption, vae_encode
+    from mod_adapter.modules.flux_diffusers import encode_caption
     from mod_adapter.modules.learn_concept import evaluate_loss
     from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
     from mod_adapter.modules.world.captions import full_caption
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, more_views, other_values, word_positions
     from mod_adapter.modules.world.pairs import concept_caption
     from mod_adapter.modules.world.paths import WORLD_FOLDER
-    from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES, render
+    from mod_adapter.modules.world.methods import scene_latents
+    from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
     from mod_adapter.modules.world.split import EVAL, random_scene
     from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
 
@@ -110,8 +111,7 @@ def main(argv=None) -> int:
             wrong_from = targets[1 if args.other_view else 0]  # values that differ from the scene's own
             wrong_scene = dataclasses.replace(scene, **{name: getattr(wrong_from, name)
                                                         for name in CONCEPT_ATTRIBUTES[kind]})
-            pixels = torch.from_numpy(render(scene)).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
-            latents = vae_encode(pipe.vae, pixels)
+            latents = scene_latents(pipe, scene)
             learning_caption = concept_caption(scene, kind)
             losses = {"stated": loss_by_bin(full_caption(scene), latents),
                       "wrong": loss_by_bin(full_caption(wrong_scene), latents),

@@ -443,10 +443,9 @@ def _check_partners(partners: Sequence[IsolationPartner], latents: torch.Tensor,
 
 
 def _check_more_images(more_images: Sequence[CaptionedImages], latents: torch.Tensor, words: Sequence[str],
-                       what: str = "image group", first: int = 2) -> List[CaptionedImages]:
+                       noun: str = "image group", first: int = 2) -> List[CaptionedImages]:
     """``first``: the number of the first group in messages (the main caption's images are image group 1)."""
     checked = []
-    noun = what
     for index, group in enumerate(more_images):
         what = f"{noun} {index + first}"
         if not isinstance(group, CaptionedImages) or not isinstance(group.denoiser, Denoiser):
@@ -564,6 +563,17 @@ def _training_batch(generator: torch.Generator, config: LearnConfig, in_stage1: 
     return noisy, sigma, target, image_index
 
 
+def _group_of_each_image(groups: Sequence[CaptionedImages]) -> torch.Tensor:
+    """(images,) the index of each image's group, the groups' images stacked in order."""
+    return torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(groups)])
+
+
+def _rows_of_each_group(owners: torch.Tensor, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(group, the batch rows whose image is that group's) for each group among ``owners`` (a group per row)."""
+    for g in owners.unique().tolist():
+        yield g, (owners == g).nonzero().flatten().to(device)
+
+
 def _negative_terms(negatives: Sequence[CaptionedImages], group_of_negative: torch.Tensor, clean: torch.Tensor,
                     generator: torch.Generator, config: LearnConfig, in_stage1: bool,
                     deltas: Sequence[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
@@ -574,9 +584,7 @@ def _negative_terms(negatives: Sequence[CaptionedImages], group_of_negative: tor
     noise = torch.randn((config.batch_size, *clean.shape[1:]), generator=generator).to(device)
     sigma = sigma.to(device)
     noisy, target = flow_matching_pair(clean[image_index.to(device)], noise, sigma)
-    owners = group_of_negative[image_index]
-    for g in owners.unique().tolist():
-        rows = (owners == g).nonzero().flatten().to(device)
+    for g, rows in _rows_of_each_group(group_of_negative[image_index], device):
         group = negatives[g]
         # Without Δ first: a checkpointing host recomputes the forward with the concepts of the last forward it ran.
         with torch.no_grad():
@@ -596,9 +604,7 @@ def _denoising_losses(groups: Sequence[CaptionedImages], group_of_image: torch.T
         main = groups[0]
         yield F.mse_loss(main.denoiser.velocity(noisy, sigma, deltas, main.positions).float(), target)
         return
-    owners = group_of_image[image_index]
-    for g in owners.unique().tolist():
-        rows = (owners == g).nonzero().flatten().to(noisy.device)
+    for g, rows in _rows_of_each_group(group_of_image[image_index], noisy.device):
         group = groups[g]
         prediction = group.denoiser.velocity(noisy[rows], sigma[rows], deltas, group.positions).float()
         yield F.mse_loss(prediction, target[rows], reduction="sum") / target.numel()
@@ -678,7 +684,7 @@ def learn_concepts(
     partners = _check_partners(isolation, latents, words)
     groups = [CaptionedImages(denoiser, positions, latents, flipped_latents),
               *_check_more_images(more_images, latents, words)]
-    negatives = _check_more_images(negatives, latents, words, what="negative image group", first=1)
+    negatives = _check_more_images(negatives, latents, words, noun="negative image group", first=1)
     device = torch.device(denoiser.device)
     num_concepts = len(words)
     global_directions, block_offsets = _starting_directions(init, num_concepts, denoiser.layout, device)
@@ -699,10 +705,9 @@ def learn_concepts(
     if any(group.flipped_latents is not None for group in groups):
         flipped = stacked([group.latents.flip(-1) if group.flipped_latents is None else group.flipped_latents
                            for group in groups])
-    group_of_image = torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(groups)])
+    group_of_image = _group_of_each_image(groups)
     negative_clean = stacked([group.latents for group in negatives]) if negatives else None
-    group_of_negative = (torch.cat([torch.full((group.latents.shape[0],), g) for g, group in enumerate(negatives)])
-                         if negatives else None)
+    group_of_negative = _group_of_each_image(negatives) if negatives else None
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
 
     result = LearnResult(deltas=[], words=words, lr=lr, vec_rms=vec_rms)

@@ -39,6 +39,13 @@ def parse_words(words: str):
     return parsed
 
 
+def encode_caption(clip, text: str):
+    """(T5 context, CLIP-L pooled) of one caption, as FLUX's conditioning carries them."""
+    with torch.no_grad():
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return conditioning[0][0].clone(), conditioning[0][1]["pooled_output"]
+
+
 def isolation_partners(denoiser, clip, vae, model, caption: str, positions, images, captions: str, resolution: int):
     """TokenVerse's isolation partners from the node's optional second image set: one caption per line, one per
     image, or one line for every image."""
@@ -52,9 +59,7 @@ def isolation_partners(denoiser, clip, vae, model, caption: str, positions, imag
     layout = clip_t5_layout(clip)
     partners = []
     for index, text in enumerate(lines):
-        with torch.no_grad():
-            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(composed_caption(layout, caption, text)))
-        partner = denoiser.with_caption(conditioning[0][0].clone(), conditioning[0][1]["pooled_output"])
+        partner = denoiser.with_caption(*encode_caption(clip, composed_caption(layout, caption, text)))
         partners.append(IsolationPartner(partner, positions, latents[index:index + 1].to(denoiser.device)))
     return partners, lines
 
@@ -137,23 +142,13 @@ def loss_curve_image(losses, stage1_steps: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
-def encode_caption(clip, text: str):
-    """(T5 context, CLIP-L pooled) of one caption, as FLUX's conditioning carries them."""
-    with torch.no_grad():
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    return conditioning[0][0].clone(), conditioning[0][1]["pooled_output"]
-
-
-def images_under_other_captions(denoiser, clip, captions, words, latents, flipped):
+def images_under_other_captions(denoiser, clip, images_of, positions_of, latents, flipped):
     """The batch's images whose caption line is not the first image's, one group per caption
-    (:class:`CaptionedImages`), each under its own caption."""
-    layout = clip_t5_layout(clip)
-    groups = []
-    for text, indices in list(group_by_caption(captions).items())[1:]:
-        positions = find_concept_positions(layout, text, words)
-        groups.append(CaptionedImages(denoiser.with_caption(*encode_caption(clip, text)), positions,
-                                      latents[indices], flipped[indices]))
-    return groups
+    (:class:`CaptionedImages`), each under its own caption. images_of: caption -> its images' indices, the first
+    image's caption first (:func:`group_by_caption`); positions_of: caption -> the words' token positions."""
+    return [CaptionedImages(denoiser.with_caption(*encode_caption(clip, text)), positions_of[text],
+                            latents[indices], flipped[indices])
+            for text, indices in list(images_of.items())[1:]]
 
 
 def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, learning_rate, seed,
@@ -164,10 +159,11 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
     image = check_image_batch(image)
     captions = caption_lines(caption, image.shape[0])  # one per image
     caption = captions[0]  # the first image's: the main caption, which isolation partners extend
+    images_of = group_by_caption(captions)
     layout = clip_t5_layout(clip)
-    positions = find_concept_positions(layout, caption, words)
-    for text in set(captions) - {caption}:  # every caption is checked before anything is encoded or learned
-        find_concept_positions(layout, text, words)
+    # every caption is checked before anything is encoded or learned
+    positions_of = {text: find_concept_positions(layout, text, words) for text in images_of}
+    positions = positions_of[caption]
     denoiser = ComfyFluxDenoiser(model, *encode_caption(clip, caption), guidance,
                                  gradient_checkpointing=gradient_checkpointing)
     refuse_runs_that_cannot_fit(denoiser.layout, model.model.get_dtype(), denoiser.compute_dtype, denoiser.device,
@@ -180,9 +176,9 @@ def learn_concept(model, clip, vae, image, caption, words, steps, stage1_steps, 
         init = [by_word[w.lower()].delta * by_word[w.lower()].strength if w.lower() in by_word else None for w in words]
 
     latents, flipped = images_to_latents(vae, model, image, resolution)
-    more_images = images_under_other_captions(denoiser, clip, captions, words, latents.to(denoiser.device),
+    more_images = images_under_other_captions(denoiser, clip, images_of, positions_of, latents.to(denoiser.device),
                                               flipped.to(denoiser.device))
-    main = group_by_caption(captions)[caption]
+    main = images_of[caption]
     # 0 asks for the learning-rate rule: RELATIVE_LR × this model's rms(vec), measured when the run starts.
     config = LearnConfig(steps=steps, stage1_steps=min(stage1_steps, steps), lr=learning_rate or None, seed=seed,
                          stage1_sigma_range=(stage1_t_min, 1.0), stage2_sigma_range=(0.0, stage2_t_max),

@@ -90,12 +90,18 @@ def held_out_pair_accuracy(scenes: Sequence[Scene], reads: Sequence[Dict[str, st
     return out
 
 
-def word_positions(pipe, prompt: str, word: str) -> List[int]:
-    from ..token_positions import TextSequenceLayout, find_concept_positions
+def text_layout(pipe):
+    """The T5 text sequence the world's pipeline encodes (padded and cut to MAX_SEQUENCE_LENGTH)."""
+    from ..token_positions import TextSequenceLayout
 
-    layout = TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
-                                                  max_length=MAX_SEQUENCE_LENGTH)
-    return find_concept_positions(layout, prompt, [word])[0]
+    return TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
+                                                max_length=MAX_SEQUENCE_LENGTH)
+
+
+def word_positions(pipe, prompt: str, word: str) -> List[int]:
+    from ..token_positions import find_concept_positions
+
+    return find_concept_positions(text_layout(pipe), prompt, [word])[0]
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ModAdapterError
 from ..token_modulation import TokenConcept
-from .evaluation import word_positions
+from .evaluation import text_layout, word_positions
 from .captions import describe
 from .pairs import concept_caption
 from .scene import Scene, render
@@ -156,7 +156,6 @@ class ConceptLearner:
         from ..flux_diffusers import encode_caption
         from ..learn_concept import IsolationPartner, LearnConfig, composed_caption, learn_concepts
         from ..learn_diffusers import DiffusersDenoiser
-        from ..token_positions import TextSequenceLayout
 
         key = (concept, kind, 0 if init is None else 1)
         if key not in self.cache:
@@ -169,11 +168,10 @@ class ConceptLearner:
             # its caption (the object's side, the light's side)
             config = LearnConfig(steps=self.steps, stage1_steps=max(1, self.steps * 4 // 7), lr=self.lr,
                                  seed=self.seed, flip_probability=0.0, log_every=0)
-            layout = TextSequenceLayout.from_hf_tokenizer(pipe.tokenizer_2, "t5", min_length=MAX_SEQUENCE_LENGTH,
-                                                          max_length=MAX_SEQUENCE_LENGTH)
+            partner_scenes = isolation_scenes(concept, self.isolation_partners, self.seed)
+            layout = text_layout(pipe) if partner_scenes else None
             partner_texts = [(composed_caption(layout, caption_text, f"a {describe(scene, 'object')}"),
-                              scene_latents(pipe, scene))
-                             for scene in isolation_scenes(concept, self.isolation_partners, self.seed)]
+                              scene_latents(pipe, scene)) for scene in partner_scenes]
             with torch.enable_grad(), DiffusersDenoiser(pipe.transformer, prompt_embeds, pooled) as denoiser:
                 partners = [IsolationPartner(denoiser.with_caption(*encode_caption(pipe, text, "cpu",
                                                                                    MAX_SEQUENCE_LENGTH)),
