@@ -331,6 +331,34 @@ def test_eval_learn_learns_each_concept_from_several_views_each_with_its_caption
     assert all(" surface " in caption for caption in negative_source["negative_captions"])
 
 
+def test_eval_learn_draws_its_concept_images_from_the_split_it_is_given(untrained, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mod_adapter.modules.world.evaluation import more_views
+    from mod_adapter.modules.world.scene import render
+    from mod_adapter.modules.world.split import EVAL, TRAIN, random_scene, split_of
+
+    world, _ = untrained
+    args = ["world", "eval-learn", "--world", world, "--kinds", "surface", "--concepts", "1", "--prompts", "1",
+            "--learn-steps", "2", "--steps", "1", "--learn-views", "2", "--seed", "7"]
+    for split in (TRAIN, EVAL):
+        folder = tmp_path / split
+        run = mod_adapter_cli(*args, "--concept-split", split, "--work-dir", str(folder))
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads(run.stdout)["concept_split"] == split
+        # the concept image is the split's first scene of the kind's stream, its view one of the split's too
+        scene = random_scene(np.random.default_rng([7, 0]), split)
+        view = more_views(scene, "surface", 1, np.random.default_rng([7, 0, 0, 1]), split)[0]
+        assert split_of(scene) == split and split_of(view) == split
+        for drawn, name in ((scene, "surface-000.png"), (view, "surface-000-view1.png")):
+            assert np.array_equal(np.asarray(Image.open(folder / "surface" / name)), render(drawn))
+    bad = mod_adapter_cli(*args, "--concept-split", "test", "--work-dir", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "--concept-split" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_caption_words_are_the_distinct_words_with_the_concept_word_first():
     from mod_adapter.modules.world.evaluation import caption_words
 

@@ -169,7 +169,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                                   batch_size=learn_batch_size, stage1_steps=args.learn_stage1_steps,
                                   scale=args.scale, reuse_learned=args.reuse_learned, settings=learn_settings,
                                   every_word=args.learn_every_word, views=args.learn_views,
-                                  negatives=args.learn_negatives,
+                                  negatives=args.learn_negatives, concept_split=args.concept_split,
                                   seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
@@ -179,6 +179,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                       "learn_batch_size": learn_batch_size, "learn_stage1_steps": "4/7" if args.learn_stage1_steps is None else args.learn_stage1_steps,
                       "learn_config": learn_settings, "learn_every_word": args.learn_every_word,
                       "learn_views": args.learn_views, "learn_negatives": args.learn_negatives,
+                      "concept_split": args.concept_split,
                       "scale": args.scale, "reused": args.reuse_learned,
                       "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
@@ -395,6 +396,9 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--learn-negatives", type=int, default=0,
                             help="negative images per concept: scenes whose values of the concept all differ, each "
                                  "under its own caption (Learn Concept's negatives; default 0)")
+    eval_learn.add_argument("--concept-split", choices=["eval", "train"], default="eval",
+                            help="where the concept images come from: eval, the held-out combinations (default), or "
+                                 "train, combinations the base model was trained on (a diagnosis)")
     eval_learn.add_argument("--reuse-learned", action="store_true",
                             help="score concept files already in --work-dir instead of learning them again")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")

@@ -33,7 +33,7 @@ from ..token_modulation import TokenConcept
 from .captions import full_caption
 from .pairs import concept_caption
 from .scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, Scene, render
-from .split import EVAL, random_scene
+from .split import EVAL, TRAIN, random_scene
 from .transformer import MAX_SEQUENCE_LENGTH
 
 ABSTRACT_KINDS = ("surface", "pose", "lighting", "background")  # new kinds go last: the index seeds the draws
@@ -158,10 +158,18 @@ def other_values(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
             return candidate
 
 
-def more_views(scene: Scene, kind: str, count: int, rng: np.random.Generator) -> List[Scene]:
-    """``count`` held-out scenes with ``scene``'s values of ``kind``'s attributes, every other attribute drawn anew."""
+def more_views(scene: Scene, kind: str, count: int, rng: np.random.Generator, split: str = EVAL) -> List[Scene]:
+    """``count`` scenes of ``split`` with ``scene``'s values of ``kind``'s attributes, every other attribute drawn
+    anew."""
     fixed = {name: getattr(scene, name) for name in CONCEPT_ATTRIBUTES[kind]}
-    return [random_scene(rng, EVAL, **fixed) for _ in range(count)]
+    return [random_scene(rng, split, **fixed) for _ in range(count)]
+
+
+def negative_scenes(scene: Scene, kind: str, seed: int, index: int, count: int) -> List[Scene]:
+    """The ``count`` negative images' scenes of concept ``index`` (``scene``): scenes whose values of ``kind`` all
+    differ from its, from a stream of their own, so the concept images and prompts are drawn as without them."""
+    rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), index, 3])
+    return [other_values(scene, kind, rng) for _ in range(count)]
 
 
 def caption_words(caption: str, first: str) -> List[str]:
@@ -177,7 +185,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                      lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
                      stage1_steps: Optional[int] = None, scale: float = 1.0, reuse_learned: bool = False,
                      settings: Optional[Dict[str, object]] = None, every_word: bool = False,
-                     views: int = 1, negatives: int = 0, log=print) -> ConceptScores:
+                     views: int = 1, negatives: int = 0, concept_split: str = EVAL, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
 
     stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
@@ -193,6 +201,9 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         one view, so the scores compare concept by concept.
     negatives: held-out scenes per concept whose values of the concept all differ from it, each under its own
         learning caption, as Learn Concept's negative images (drawn apart from the concept images and prompts).
+    concept_split: where the concept images (and their views) come from: ``eval``, the held-out combinations the
+        base model was never trained on (the default, as the table's cases), or ``train``, combinations it was
+        trained on (a diagnosis: is a concept image that the model draws badly what holds a concept back?).
     """
     from ..concept_file import load_concept
     from ..learn_diffusers import learn_concept_files
@@ -205,6 +216,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         raise ModAdapterError(f"--learn-views must be 1 or more images per concept, got {views!r}")
     if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
         raise ModAdapterError(f"--learn-negatives must be 0 or more images per concept, got {negatives!r}")
+    if concept_split not in (EVAL, TRAIN):
+        raise ModAdapterError(f"--concept-split must be {EVAL!r} or {TRAIN!r}, got {concept_split!r}")
     if every_word and (views > 1 or negatives):
         raise ModAdapterError("--learn-every-word learns the words of one caption; give it --learn-views 1 and no "
                               "--learn-negatives")
@@ -212,15 +225,15 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
     scores = ConceptScores(kind)
     os.makedirs(work_dir, exist_ok=True)
     for c in range(concepts):
-        concept_scene = random_scene(rng, EVAL)
+        concept_scene = random_scene(rng, concept_split)
         view_scenes = [concept_scene] + more_views(concept_scene, kind, views - 1,
-                                                   np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 1]))
+                                                   np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 1]),
+                                                   concept_split)
         image_paths = [os.path.join(work_dir, f"{kind}-{c:03d}.png")] + [
             os.path.join(work_dir, f"{kind}-{c:03d}-view{v}.png") for v in range(1, views)]
-        negative_rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 3])
-        negative_scenes = [other_values(concept_scene, kind, negative_rng) for _ in range(negatives)]
+        negatives_of_concept = negative_scenes(concept_scene, kind, seed, c, negatives)
         negative_paths = [os.path.join(work_dir, f"{kind}-{c:03d}-negative{n}.png") for n in range(negatives)]
-        for scene, path in zip(view_scenes + negative_scenes, image_paths + negative_paths):
+        for scene, path in zip(view_scenes + negatives_of_concept, image_paths + negative_paths):
             Image.fromarray(render(scene)).save(path)
         config = LearnConfig(steps=steps, stage1_steps=max(1, steps * 4 // 7) if stage1_steps is None else stage1_steps,
                              lr=lr, batch_size=batch_size, seed=seed + c,
@@ -243,7 +256,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                                 gradient_checkpointing=False, max_sequence_length=MAX_SEQUENCE_LENGTH, eval_draws=0,
                                 overwrite=True, show_progress=False, log=lambda message: None,
                                 negatives=[(path, concept_caption(scene, kind))
-                                           for scene, path in zip(negative_scenes, negative_paths)])
+                                           for scene, path in zip(negatives_of_concept, negative_paths)])
             scores.learn_seconds.append(time.perf_counter() - started)
         learned = load_concept(concept_path)
         delta = learned.delta
