@@ -232,7 +232,9 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Model.Input("model", tooltip="The FLUX.1 model (also fp8 / GGUF); it is not changed."),
                 io.Clip.Input("clip", tooltip="FLUX's text encoders (clip_l + t5xxl)."),
                 io.Vae.Input("vae", tooltip="FLUX's VAE, to encode the images."),
-                io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same concepts."),
+                io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same concepts. For a "
+                                                "lighting or a pose, two or three images that share it (with "
+                                                "stage2_t_max 1.0) carried it further than one on the toy world."),
                 io.String.Input("caption", multiline=True, default="a photo of a dog on a beach",
                                 tooltip="A caption of the image that contains every concept word. For a batch of "
                                         "views in different settings, one line per image in the batch's order "
@@ -259,7 +261,8 @@ class ModAdapterLearnConcept(io.ComfyNode):
                                tooltip="Stage 1 draws 92% of its timesteps from [this, 1] (paper: 0.8)."),
                 io.Float.Input("stage2_t_max", default=0.8, min=0.0, max=1.0, step=0.01,
                                tooltip="Stage 2 draws 92% of its timesteps from [0, this] (paper: 0.8). 1.0 carried a "
-                                       "lighting better on the toy world (docs/results.md)."),
+                                       "lighting and a pose better on the toy world, most with two or three images "
+                                       "(docs/results.md)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute blocks in the backward pass: much less memory, ~30% slower."),
                 io.Boolean.Input("save", default=False, tooltip="Also save the learned concepts to models/mod_concepts."),
