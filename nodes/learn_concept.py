@@ -232,9 +232,10 @@ class ModAdapterLearnConcept(io.ComfyNode):
                 io.Model.Input("model", tooltip="The FLUX.1 model (also fp8 / GGUF); it is not changed."),
                 io.Clip.Input("clip", tooltip="FLUX's text encoders (clip_l + t5xxl)."),
                 io.Vae.Input("vae", tooltip="FLUX's VAE, to encode the images."),
-                io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same concepts. For a "
-                                                "lighting or a pose, two or three images that share it (with "
-                                                "stage2_t_max 1.0) carried it further than one on the toy world."),
+                io.Image.Input("image", tooltip="The concept image(s); a batch is several views of the same "
+                                                "concepts. For a lighting or a pose, two or three images that share "
+                                                "it (with stage2_t_max 1.0) carried it further than one on the toy "
+                                                "world."),
                 io.String.Input("caption", multiline=True, default="a photo of a dog on a beach",
                                 tooltip="A caption of the image that contains every concept word. For a batch of "
                                         "views in different settings, one line per image in the batch's order "
