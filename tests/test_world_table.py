@@ -359,6 +359,54 @@ def test_eval_learn_draws_its_concept_images_from_the_split_it_is_given(untraine
     assert bad.returncode != 0 and "--concept-split" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_eval_learn_scores_an_adapters_prediction_on_the_same_prompts_without_learning(untrained, tmp_path,
+                                                                                      monkeypatch):
+    import json
+
+    world, adapter = untrained
+    args = ["world", "eval-learn", "--world", world, "--kinds", "pose", "--concepts", "1", "--prompts", "2",
+            "--steps", "1", "--work-dir", str(tmp_path / "predicted")]
+    run = mod_adapter_cli(*args, "--adapter", adapter)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "predicted" in run.stderr and "s to learn" not in run.stderr
+    assert json.loads(run.stdout)["adapter"] == adapter
+    assert not list((tmp_path / "predicted").rglob("*.safetensors"))  # nothing was learned
+    row = json.loads(run.stdout)["rows"][0]
+    assert row["images"] == 2 and row["learn_seconds_per_concept"] is None
+
+    # in process: the prediction for the concept scene and word is what the prompts are sampled with
+    import torch
+
+    from mod_adapter.modules.world import sampling
+    from mod_adapter.modules.world.cli import world_pipeline
+    from mod_adapter.modules.world.evaluation import concept_learning
+
+    paths, pipe, judge = world_pipeline(world)
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    predicted, sampled = {}, []
+
+    def predict(scene, word):
+        predicted[(scene, word)] = torch.full((blocks, width), 0.25)
+        return predicted[(scene, word)]
+
+    generate = sampling.generate
+
+    def recording_generate(pipe, prompts, seeds, concepts=None, **kwargs):
+        sampled.append(concepts)
+        return generate(pipe, prompts, seeds, concepts=concepts, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recording_generate)
+    concept_learning(paths["flux"], pipe, judge, "pose", concepts=1, prompts_per_concept=2, steps=2, seed=7,
+                     work_dir=str(tmp_path / "in-process"), sample_steps=1, cfg=4.0, predict=predict,
+                     log=lambda message: None)
+    (scene, word), delta = next(iter(predicted.items()))
+    assert word == "pose" and len(predicted) == 1
+    with_delta, bare = sampled
+    assert bare is None and len(with_delta) == 2
+    assert all(concepts[0].delta is delta and concepts[0].name == "pose" for concepts in with_delta)
+
+
 def test_caption_words_are_the_distinct_words_with_the_concept_word_first():
     from mod_adapter.modules.world.evaluation import caption_words
 

@@ -159,6 +159,11 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
     from .evaluation import concept_learning
 
     paths, pipe, judge = world_pipeline(args.world)
+    predict = None
+    if args.adapter:  # the reference: the adapter's prediction on the same concepts, prompts and seeds
+        from .methods import AdapterPredictor, WorldModels
+
+        predict = AdapterPredictor(WorldModels.load(paths, pipe), args.adapter).delta
     learn_lr = args.learn_lr  # None: Learn Concept's learning-rate rule
     learn_batch_size = LearnConfig.batch_size if args.learn_batch_size is None else args.learn_batch_size
     learn_settings = learn_config_settings(args.learn_config)
@@ -170,6 +175,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                                   scale=args.scale, reuse_learned=args.reuse_learned, settings=learn_settings,
                                   every_word=args.learn_every_word, views=args.learn_views,
                                   negatives=args.learn_negatives, concept_split=args.concept_split,
+                                  predict=predict,
                                   seed=args.seed,
                                   work_dir=os.path.join(args.work_dir, kind), sample_steps=args.steps, cfg=args.cfg,
                                   log=lambda message: print(message, file=sys.stderr))
@@ -179,7 +185,7 @@ def cmd_world_eval_learn(args: argparse.Namespace) -> int:
                       "learn_batch_size": learn_batch_size, "learn_stage1_steps": "4/7" if args.learn_stage1_steps is None else args.learn_stage1_steps,
                       "learn_config": learn_settings, "learn_every_word": args.learn_every_word,
                       "learn_views": args.learn_views, "learn_negatives": args.learn_negatives,
-                      "concept_split": args.concept_split,
+                      "concept_split": args.concept_split, "adapter": args.adapter,
                       "scale": args.scale, "reused": args.reuse_learned,
                       "sample_steps": args.steps,
                       "cfg": args.cfg, "seed": args.seed, "rows": rows}, indent=1))
@@ -399,6 +405,8 @@ def add_world_commands(sub) -> None:
     eval_learn.add_argument("--concept-split", choices=["eval", "train"], default="eval",
                             help="where the concept images come from: eval, the held-out combinations (default), or "
                                  "train, combinations the base model was trained on (a diagnosis)")
+    eval_learn.add_argument("--adapter", help="a Mod-Adapter checkpoint: score its predicted Δ instead of learning "
+                                              "one, on the same concepts, prompts and seeds (the reference)")
     eval_learn.add_argument("--reuse-learned", action="store_true",
                             help="score concept files already in --work-dir instead of learning them again")
     eval_learn.add_argument("--seed", type=int, default=7, help="seed (default 7)")

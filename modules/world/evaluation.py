@@ -185,7 +185,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                      lr: Optional[float] = None, batch_size: int = LearnConfig.batch_size,
                      stage1_steps: Optional[int] = None, scale: float = 1.0, reuse_learned: bool = False,
                      settings: Optional[Dict[str, object]] = None, every_word: bool = False,
-                     views: int = 1, negatives: int = 0, concept_split: str = EVAL, log=print) -> ConceptScores:
+                     views: int = 1, negatives: int = 0, concept_split: str = EVAL,
+                     predict: Optional[Callable[[Scene, str], torch.Tensor]] = None, log=print) -> ConceptScores:
     """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
 
     stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
@@ -204,6 +205,8 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
     concept_split: where the concept images (and their views) come from: ``eval``, the held-out combinations the
         base model was never trained on (the default, as the table's cases), or ``train``, combinations it was
         trained on (a diagnosis: is a concept image that the model draws badly what holds a concept back?).
+    predict: (concept scene, word) -> Δ, e.g. a Mod-Adapter's prediction, scored in place of a learned Δ on the
+        same concepts, prompts and seeds (nothing is learned): the reference the learned rows compare with.
     """
     from ..concept_file import load_concept
     from ..learn_diffusers import learn_concept_files
@@ -248,7 +251,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         else:
             words, out = [kind], os.path.join(work_dir, f"{kind}-{c:03d}.safetensors")
             concept_path = out
-        learn_now = not (reuse_learned and os.path.exists(concept_path))
+        learn_now = predict is None and not (reuse_learned and os.path.exists(concept_path))
         if learn_now:
             started = time.perf_counter()
             learn_concept_files(flux_folder, image_paths, learning_captions, words,
@@ -258,8 +261,11 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                                 negatives=[(path, concept_caption(scene, kind))
                                            for scene, path in zip(negatives_of_concept, negative_paths)])
             scores.learn_seconds.append(time.perf_counter() - started)
-        learned = load_concept(concept_path)
-        delta = learned.delta
+        if predict is None:
+            learned = load_concept(concept_path)
+            delta, made = learned.delta, f"lr {learned.source['lr']:.3g}"
+        else:
+            delta, made = predict(concept_scene, kind), "predicted"
         targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
         prompts = [concept_caption(t, kind) for t in targets]
         seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
@@ -270,7 +276,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
         for target, read, read_bare in zip(targets, with_delta, bare):
             scores.add_reads(concept_scene, target, read, read_bare)
         log(f"{kind} {c + 1}/{concepts}: CP {np.mean(scores.cp):.2f} (bare word {np.mean(scores.cp_bare):.2f}), "
-            f"PF {np.mean(scores.pf):.2f}, lr {learned.source['lr']:.3g}"
-            + (f", {scores.learn_seconds[-1]:.0f} s to learn" if learn_now else ", reused"))
+            f"PF {np.mean(scores.pf):.2f}, {made}"
+            + (f", {scores.learn_seconds[-1]:.0f} s to learn" if learn_now else "" if predict else ", reused"))
     return scores
 
