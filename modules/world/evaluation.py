@@ -187,7 +187,7 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
                      settings: Optional[Dict[str, object]] = None, every_word: bool = False,
                      views: int = 1, negatives: int = 0, concept_split: str = EVAL,
                      predict: Optional[Callable[[Scene, str], torch.Tensor]] = None, log=print) -> ConceptScores:
-    """Learn ``concepts`` held-out concept images of ``kind`` and score prompts that name the word only.
+    """Learn ``concepts`` concept images of ``kind`` (held out by default) and score prompts that name the word only.
 
     stage1_steps: Learn Concept's stage-1 steps (None: 4/7 of ``steps``, TokenVerse's 800 of 1,400).
     scale: the learned Δ's strength s at sampling.
