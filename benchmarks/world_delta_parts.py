@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import torch
 
 from mod_adapter.modules.concept_file import load_concept, save_concept
 from mod_adapter.modules.learn_concept import LearnConfig
 from mod_adapter.modules.learn_diffusers import learn_concept_files
-from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, negative_scenes, other_values
+from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, eval_learn_draws, negative_scenes
 from mod_adapter.modules.world.pairs import concept_caption
 from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 from mod_adapter.modules.world.scene import render
-from mod_adapter.modules.world.split import EVAL, random_scene
 from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
 
 
@@ -63,17 +61,6 @@ def write_blocks(args: argparse.Namespace) -> None:
         print(f"{args.kind} {c}: Δ kept on blocks {mask.flatten().nonzero().flatten().tolist()}")
 
 
-def negatives_per_concept(kind: str, seed: int, concepts: int, prompts: int, negatives: int):
-    """(index, its negative scenes) per concept, as eval-learn draws them: the concept scenes and the prompts'
-    scenes come from one stream, which is replayed here to reach each concept scene."""
-    rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
-    for c in range(concepts):
-        scene = random_scene(rng, EVAL)
-        for _ in range(prompts):
-            other_values(scene, kind, rng)
-        yield c, negative_scenes(scene, kind, seed, c, negatives)
-
-
 def write_minus_negatives(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -81,7 +68,8 @@ def write_minus_negatives(args: argparse.Namespace) -> None:
     folder = os.path.join(args.negatives_dir, args.kind)
     os.makedirs(folder, exist_ok=True)
     os.makedirs(os.path.join(args.out, args.kind), exist_ok=True)
-    for c, scenes in negatives_per_concept(args.kind, args.seed, args.concepts, args.prompts, args.negatives):
+    for c, concept_scene, _ in eval_learn_draws(args.kind, args.seed, args.concepts, args.prompts):
+        scenes = negative_scenes(concept_scene, args.kind, args.seed, c, args.negatives)
         negatives_delta = concept_file(args.negatives_dir, args.kind, c)
         if not os.path.exists(negatives_delta):
             images = [os.path.join(folder, f"{args.kind}-{c:03d}-negative{n}.png") for n in range(len(scenes))]

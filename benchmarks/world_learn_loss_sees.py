@@ -69,12 +69,11 @@ def main(argv=None) -> int:
     from mod_adapter.modules.learn_diffusers import DiffusersDenoiser
     from mod_adapter.modules.world.captions import full_caption
     from mod_adapter.modules.world.cli import world_pipeline
-    from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, more_views, other_values, word_positions
+    from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, eval_learn_draws, more_views, word_positions
     from mod_adapter.modules.world.pairs import concept_caption
     from mod_adapter.modules.world.paths import WORLD_FOLDER
     from mod_adapter.modules.world.methods import scene_latents
     from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
-    from mod_adapter.modules.world.split import EVAL, random_scene
     from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
 
     paths, pipe, _ = world_pipeline(args.world or WORLD_FOLDER)
@@ -96,11 +95,8 @@ def main(argv=None) -> int:
                        f"learned:{os.path.basename(os.path.normpath(work_dir))}" for work_dir in args.work_dir}
     rows = []
     for kind in args.kinds:
-        rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind)])  # as concept_learning draws
         per_concept = []
-        for c in range(args.concepts):
-            concept_scene = random_scene(rng, EVAL)
-            targets = [other_values(concept_scene, kind, rng) for _ in range(args.prompts)]
+        for c, concept_scene, targets in eval_learn_draws(kind, args.seed, args.concepts, args.prompts):
             # eval-learn --learn-views draws its views from [seed, kind, c, 1]: the held-out view from another stream
             scene = (more_views(concept_scene, kind, 1, np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind),
                                                                                c, 2]))[0]

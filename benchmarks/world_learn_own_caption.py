@@ -18,13 +18,12 @@ import torch
 from mod_adapter.modules.concept_file import load_concept
 from mod_adapter.modules.flux_diffusers import load_flux_pipeline, resolve_flux_source
 from mod_adapter.modules.token_modulation import TokenConcept
-from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, other_values, word_positions
+from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, eval_learn_draws, word_positions
 from mod_adapter.modules.world.paths import WORLD_FOLDER, check_world
 from mod_adapter.modules.world.judge import load_judge
 from mod_adapter.modules.world.pairs import concept_caption
 from mod_adapter.modules.world.sampling import generate
 from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
-from mod_adapter.modules.world.split import EVAL, random_scene
 
 
 def main() -> None:
@@ -41,11 +40,7 @@ def main() -> None:
     pipe = load_flux_pipeline(resolve_flux_source(paths["flux"]), torch.float32)
     judge = load_judge(paths["judge"])
     names = CONCEPT_ATTRIBUTES[args.kind]
-    rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(args.kind)])  # as eval-learn draws them
-    for c in range(args.concepts):
-        scene = random_scene(rng, EVAL)
-        for _ in range(args.prompts):
-            other_values(scene, args.kind, rng)
+    for c, scene, _ in eval_learn_draws(args.kind, args.seed, args.concepts, args.prompts):
         delta = load_concept(os.path.join(args.work_dir, args.kind, f"{args.kind}-{c:03d}.safetensors")).delta
         caption = concept_caption(scene, args.kind)
         positions = word_positions(pipe, caption, args.kind)

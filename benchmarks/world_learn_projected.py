@@ -28,13 +28,12 @@ from mod_adapter.modules.flux_diffusers import flux_velocity, vae_decode
 from mod_adapter.modules.learn_concept import LearnConfig
 from mod_adapter.modules.learn_diffusers import learn_concept_files
 from mod_adapter.modules.world.cli import world_pipeline
-from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, judge_reads, other_values
+from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, eval_learn_draws, judge_reads
 from mod_adapter.modules.world.methods import scene_latents
 from mod_adapter.modules.world.pairs import concept_caption
 from mod_adapter.modules.world.paths import WORLD_FOLDER
 from mod_adapter.modules.world.sampling import encode_prompts, initial_noise, sigmas
 from mod_adapter.modules.world.scene import CONCEPT_ATTRIBUTES
-from mod_adapter.modules.world.split import EVAL, random_scene
 from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
 
 SAMPLE_STEPS, CFG = 20, 4.0  # eval-learn's sampling defaults
@@ -72,12 +71,8 @@ def main() -> None:
     paths, pipe, judge = world_pipeline(args.world)
     folder = os.path.join(args.work_dir, args.kind)
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(args.kind)])  # as eval-learn draws
     kept = []
-    for c in range(args.concepts):
-        scene = random_scene(rng, EVAL)
-        for _ in range(args.prompts):
-            other_values(scene, args.kind, rng)
+    for c, scene, _ in eval_learn_draws(args.kind, args.seed, args.concepts, args.prompts):
         caption = concept_caption(scene, args.kind)
         image = project(pipe, scene_latents(pipe, scene), caption, args.sigma, noise_seed=1000 + c)
         read = judge_reads(judge, image)[0]

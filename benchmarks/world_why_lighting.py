@@ -24,11 +24,11 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS
+from mod_adapter.modules.world.evaluation import ABSTRACT_KINDS, eval_learn_draws
 from mod_adapter.modules.world.captions import GROUPS, describe, full_caption
 from mod_adapter.modules.world.pairs import CONCEPT_KINDS, concept_caption, concept_word, pairs
 from mod_adapter.modules.world.scene import ATTRIBUTES, CONCEPT_ATTRIBUTES, SHAPES, Scene, render
-from mod_adapter.modules.world.split import EVAL, TRAIN, random_scene, scenes
+from mod_adapter.modules.world.split import EVAL, TRAIN, scenes
 
 ADAPTER = "world/adapter/toy_world_adapter.safetensors"
 WORDS = ("lighting", "background", "pose", "surface")  # the group words, as captions.GROUPS names them
@@ -286,8 +286,7 @@ def cmd_learn(args) -> None:
     from mod_adapter.modules.learn_concept import LearnConfig
     from mod_adapter.modules.learn_diffusers import learn_concept_files
     from mod_adapter.modules.token_modulation import TokenConcept
-    from mod_adapter.modules.world.evaluation import (judge_reads, other_values, score,
-                                                      word_positions)
+    from mod_adapter.modules.world.evaluation import judge_reads, score, word_positions
     from mod_adapter.modules.world.methods import AdapterPredictor
     from mod_adapter.modules.world.sampling import generate
     from mod_adapter.modules.world.transformer import MAX_SEQUENCE_LENGTH
@@ -302,12 +301,10 @@ def cmd_learn(args) -> None:
     read_values: Dict[tuple, Dict[str, int]] = {}
     concept_values: List[str] = []
     for kind in args.kinds:
-        rng = np.random.default_rng([args.seed, ABSTRACT_KINDS.index(kind)])
         work = os.path.join(args.work_dir, kind)
         os.makedirs(work, exist_ok=True)
         scores: Dict[str, List[tuple]] = {}
-        for c in range(args.concepts):
-            concept_scene = random_scene(rng, EVAL)
+        for c, concept_scene, targets in eval_learn_draws(kind, args.seed, args.concepts, args.prompts):
             image_path = os.path.join(work, f"{kind}-{c:03d}.png")
             delta_path = os.path.join(work, f"{kind}-{c:03d}.safetensors")
             Image.fromarray(render(concept_scene)).save(image_path)
@@ -324,7 +321,6 @@ def cmd_learn(args) -> None:
                 seconds = time.perf_counter() - started
             learned = load_concept(delta_path).delta
             predicted = predictor.delta(concept_scene, kind)
-            targets = [other_values(concept_scene, kind, rng) for _ in range(args.prompts)]
             prompts = [concept_caption(t, kind) for t in targets]
             seeds = [args.seed * 1000 + c * args.prompts + i for i in range(len(prompts))]
             double_only, single_only = learned.clone(), learned.clone()

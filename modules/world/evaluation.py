@@ -22,7 +22,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -172,6 +172,17 @@ def negative_scenes(scene: Scene, kind: str, seed: int, index: int, count: int) 
     return [other_values(scene, kind, rng) for _ in range(count)]
 
 
+def eval_learn_draws(kind: str, seed: int, concepts: int, prompts_per_concept: int,
+                     split: str = EVAL) -> Iterator[Tuple[int, Scene, List[Scene]]]:
+    """(index, concept scene, its prompts' scenes) for each concept of ``world eval-learn``, in its order: one
+    stream per kind and seed draws a concept scene from ``split``, then its prompts' scenes (every value of the
+    concept different). Benchmarks replay eval-learn's concepts and prompts through this."""
+    rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
+    for index in range(concepts):
+        scene = random_scene(rng, split)
+        yield index, scene, [other_values(scene, kind, rng) for _ in range(prompts_per_concept)]
+
+
 def caption_words(caption: str, first: str) -> List[str]:
     """The distinct words of ``caption`` in order, ``first`` moved to the front (it must be one of them)."""
     words = list(dict.fromkeys(re.findall(r"[a-z]+", caption.lower())))
@@ -224,11 +235,9 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
     if every_word and (views > 1 or negatives):
         raise ModAdapterError("--learn-every-word learns the words of one caption; give it --learn-views 1 and no "
                               "--learn-negatives")
-    rng = np.random.default_rng([seed, ABSTRACT_KINDS.index(kind)])
     scores = ConceptScores(kind)
     os.makedirs(work_dir, exist_ok=True)
-    for c in range(concepts):
-        concept_scene = random_scene(rng, concept_split)
+    for c, concept_scene, targets in eval_learn_draws(kind, seed, concepts, prompts_per_concept, concept_split):
         view_scenes = [concept_scene] + more_views(concept_scene, kind, views - 1,
                                                    np.random.default_rng([seed, ABSTRACT_KINDS.index(kind), c, 1]),
                                                    concept_split)
@@ -266,7 +275,6 @@ def concept_learning(flux_folder: str, pipe, judge, kind: str, *, concepts: int,
             delta, made = learned.delta, f"lr {learned.source['lr']:.3g}"
         else:
             delta, made = predict(concept_scene, kind), "predicted"
-        targets = [other_values(concept_scene, kind, rng) for _ in range(prompts_per_concept)]
         prompts = [concept_caption(t, kind) for t in targets]
         seeds = [seed * 1000 + c * prompts_per_concept + i for i in range(len(prompts))]
         concepts_per_prompt = [[TokenConcept(delta, word_positions(pipe, p, kind), scale, name=kind)] for p in prompts]
